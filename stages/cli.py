@@ -1,0 +1,26 @@
+"""Shared entry-point wrapper: errors become one line on stderr and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from stages.params import ParamsError
+
+
+class StageError(Exception):
+    """A stage cannot finish; the message says what and where, in one line."""
+
+
+def run(main: Callable[[], None], name: str) -> None:
+    try:
+        main()
+    except ParamsError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except StageError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,286 @@
+"""Stage 1, download and validate: manifests and class folders -> ``OUT/<label>/<sha256>.<ext>``.
+
+    python -m stages.download --manifest data/manifest.csv data/local --out build/images
+
+Reader (stages.sources) -> downloader (stages.fetch) -> validator (stages.validate) -> writer
+(here). Rows are fetched concurrently; the output and the report depend only on the sources
+and the bytes fetched, never on timing or completion order, so DVC's hash of them is stable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import queue
+import re
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from stages import params as params_module
+from stages.cli import StageError, run
+from stages.drops import REASONS, Drop
+from stages.fetch import Fetcher, FetchLimits, read_local
+from stages.params import DownloadParams
+from stages.sources import Row, read_sources
+from stages.store import UrlCache, sha256, write_atomic, write_text_atomic
+from stages.validate import EXTENSIONS, inspect
+
+NAME = "download"
+OUTPUT_FILE = re.compile(r"^[0-9a-f]{64}\.(%s)$" % "|".join(sorted(set(EXTENSIONS.values()))))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    row: Row
+    digest: str | None = None
+    extension: str | None = None
+    size: int = 0
+    drop: Drop | None = None
+    fetched: bool = False  # came over the network in this run (not from the cache)
+
+
+class Writer:
+    """Writes each (label, content) once, atomically, however many rows carry it."""
+
+    def __init__(self, out: Path, scratch: Path) -> None:
+        self.out, self.scratch = out, scratch
+        self._claimed: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def path(self, label: str, digest: str, extension: str) -> Path:
+        return self.out / label / f"{digest}.{extension}"
+
+    def write(self, label: str, digest: str, extension: str, data: bytes) -> None:
+        path = self.path(label, digest, extension)
+        with self._lock:
+            if path in self._claimed:
+                return
+            self._claimed.add(path)
+        write_atomic(path, data, self.scratch)
+
+
+class Processor:
+    """One row in, one Outcome out: fetch or read, validate, write."""
+
+    def __init__(self, p: DownloadParams, writer: Writer, cache: UrlCache | None, refresh: bool) -> None:
+        self.p, self.writer, self.cache, self.refresh = p, writer, cache, refresh
+        limits = FetchLimits(
+            p.connect_timeout, p.read_timeout, p.deadline, p.retries, p.backoff,
+            p.retry_after_cap, p.max_redirects, p.max_bytes,
+        )
+        self.fetcher = Fetcher(limits, p.workers, p.user_agent)
+
+    def close(self) -> None:
+        self.fetcher.close()
+
+    def __call__(self, row: Row) -> Outcome:
+        if row.drop:
+            return Outcome(row, drop=row.drop)
+        fetched = False
+        try:
+            if row.remote:
+                data = None if (self.cache is None or self.refresh) else self.cache.get(row.remote)
+                if data is None:
+                    data, fetched = self.fetcher.fetch(row.remote), True
+            else:
+                assert row.path is not None
+                data = read_local(row.path, self.p.max_bytes)
+            info = inspect(data, list(self.p.formats), self.p.max_pixels, self.p.min_side)
+        except Drop as drop:
+            return Outcome(row, drop=drop, fetched=fetched)
+        digest = sha256(data)
+        if row.remote and fetched and self.cache is not None:
+            self.cache.put(row.remote, data, digest)
+        self.writer.write(row.label, digest, info.extension, data)
+        return Outcome(row, digest, info.extension, len(data), fetched=fetched)
+
+
+def run_bounded(fn: Callable[[Row], Outcome], rows: Iterable[Row], workers: int) -> Iterator[Outcome]:
+    """Like ``pool.map`` but with at most ``2 * workers`` rows in flight, yielding as they finish.
+
+    Completed futures arrive through a queue (not ``concurrent.futures.wait``, whose cost grows
+    with the number of pending futures and dominated small downloads).
+    """
+    finished: queue.SimpleQueue[Future[Outcome]] = queue.SimpleQueue()
+    slots = threading.Semaphore(2 * workers)
+
+    def on_done(future: Future[Outcome]) -> None:
+        slots.release()
+        finished.put(future)
+
+    in_flight = 0
+    with ThreadPoolExecutor(workers, thread_name_prefix=NAME) as pool:
+        try:
+            for row in rows:
+                while not slots.acquire(blocking=False):
+                    in_flight -= 1
+                    yield finished.get().result()
+                in_flight += 1
+                pool.submit(fn, row).add_done_callback(on_done)
+            for _ in range(in_flight):
+                yield finished.get().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def resolve_duplicates(outcomes: list[Outcome]) -> list[Outcome]:
+    """Same bytes under several rows: keep the first row, or drop all when the labels disagree."""
+    by_digest: dict[str, list[Outcome]] = defaultdict(list)
+    for outcome in outcomes:
+        if outcome.digest:
+            by_digest[outcome.digest].append(outcome)
+    resolved = [o for o in outcomes if not o.digest]
+    for group in by_digest.values():
+        group.sort(key=lambda o: o.row.index)
+        labels = sorted({o.row.label for o in group})
+        if len(labels) > 1:
+            for o in group:
+                others = ", ".join(repr(label) for label in labels if label != o.row.label)
+                drop = Drop("label_conflict", f"same bytes also labelled {others}")
+                resolved.append(Outcome(o.row, drop=drop, fetched=o.fetched))
+            continue
+        first, *rest = group
+        resolved.append(first)
+        resolved += [Outcome(o.row, drop=Drop("duplicate", f"same bytes as {first.row.url}"), fetched=o.fetched) for o in rest]
+    return sorted(resolved, key=lambda o: o.row.index)
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse to run over a folder holding anything this stage would not have written."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise StageError(f"--out {out} exists and is not a folder")
+    for entry in out.rglob("*"):
+        relative = entry.relative_to(out)
+        ours = (
+            (entry.is_dir() and len(relative.parts) == 1)
+            or (entry.is_file() and len(relative.parts) == 2 and OUTPUT_FILE.match(entry.name))
+            or entry.name.startswith(".tmp-")
+        )
+        if not ours:
+            raise StageError(f"--out {out} holds {relative}, which this stage did not write; "
+                             "use an empty folder or one written by this stage")
+
+
+def prune_output_folder(out: Path, keep: set[Path]) -> None:
+    """Remove what this run did not keep (label conflicts, stale files of earlier runs)."""
+    if not out.exists():
+        return
+    for entry in sorted(out.rglob("*"), reverse=True):
+        if entry.is_file() and entry not in keep:
+            entry.unlink()
+        elif entry.is_dir() and not any(entry.iterdir()):
+            entry.rmdir()
+
+
+def build_report(rows: list[Row], outcomes: list[Outcome]) -> tuple[dict, str]:
+    kept = [o for o in outcomes if not o.drop]
+    per_class = Counter(o.row.label for o in kept)
+    for row in rows:  # a class whose every row was dropped still shows up, with 0
+        if row.drop is None:
+            per_class.setdefault(row.label, 0)
+    by_reason = Counter(o.drop.reason for o in outcomes if o.drop)
+    report = {
+        "total": len(rows),
+        "kept": len(kept),
+        "dropped": len(outcomes) - len(kept),
+        "bytes": sum(o.size for o in kept),
+        "classes": len(per_class),
+        "kept_per_class": dict(sorted(per_class.items())),
+        "dropped_by_reason": {reason: by_reason[reason] for reason in sorted(REASONS)},
+    }
+    rejected = io.StringIO()
+    writer = csv.writer(rejected, lineterminator="\n")
+    writer.writerow(["url", "label", "reason", "detail"])
+    drops = sorted((o.row.url, o.row.label, o.drop.reason, o.drop.detail) for o in outcomes if o.drop)
+    writer.writerows(drops)
+    return report, rejected.getvalue()
+
+
+def summary_line(report: dict, seconds: float, fetched: int) -> str:
+    reasons = ", ".join(f"{r} {n}" for r, n in report["dropped_by_reason"].items() if n)
+    rate = report["total"] / seconds if seconds > 0 else 0.0
+    return (f"{NAME}: {report['total']} rows -> {report['kept']} images in {report['classes']} classes, "
+            f"{report['dropped']} dropped ({reasons or 'none'}); {fetched} fetched over the network; "
+            f"{seconds:.1f} s, {rate:.0f} rows/s")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{NAME}", description=__doc__.split("\n")[0])
+    parser.add_argument("--manifest", "--source", dest="sources", nargs="+", type=Path, required=True,
+                        metavar="PATH", help="CSV manifests (url,label columns) and/or folders of class sub-folders")
+    parser.add_argument("--out", type=Path, required=True, help="output folder: OUT/<label>/<sha256>.<ext>")
+    parser.add_argument("--report", type=Path, default=Path("reports/download/metrics.json"),
+                        help="metrics JSON; rejected.csv is written beside it (default: %(default)s)")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/download"),
+                        help="validated bytes of remote URLs, reused by the next run (default: %(default)s)")
+    parser.add_argument("--refresh", action="store_true", help="fetch remote URLs again even when cached")
+    parser.add_argument("--log", type=Path, default=Path("logs/download.log"),
+                        help="untracked log of timings, one JSON line per run (default: %(default)s)")
+    params_module.add_section_flags(parser, NAME)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    p = params_module.load_for(args, NAME).download
+    started = time.monotonic()
+    rows = read_sources(args.sources)
+    if not rows:
+        raise StageError(f"no rows in {' '.join(map(str, args.sources))}")
+    check_output_folder(args.out)
+
+    writer = Writer(args.out, args.cache_dir / "tmp")
+    processor = Processor(p, writer, UrlCache(args.cache_dir), args.refresh)
+    outcomes: list[Outcome] = []
+    counts = Counter()
+    try:
+        with tqdm(total=len(rows), desc=NAME, unit="url", mininterval=0.5, disable=None) as bar:
+            for outcome in run_bounded(processor, rows, p.workers):
+                outcomes.append(outcome)
+                counts["dropped" if outcome.drop else "valid"] += 1
+                bar.set_postfix(counts, refresh=False)
+                bar.update()
+    finally:
+        processor.close()
+
+    outcomes = resolve_duplicates(outcomes)
+    keep = {writer.path(o.row.label, o.digest, o.extension) for o in outcomes if o.digest and not o.drop}
+    prune_output_folder(args.out, keep)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    report, rejected = build_report(rows, outcomes)
+    write_text_atomic(args.report, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(args.report.with_name("rejected.csv"), rejected)
+    seconds = time.monotonic() - started
+    fetched = sum(o.fetched for o in outcomes)
+    print(summary_line(report, seconds, fetched))
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    with args.log.open("a", encoding="utf-8") as log:
+        log.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": len(rows),
+                              "kept": report["kept"], "fetched": fetched, "seconds": round(seconds, 3),
+                              "rows_per_s": round(len(rows) / seconds, 1) if seconds else None}) + "\n")
+
+    rejected_path = args.report.with_name("rejected.csv")
+    if not report["kept"]:
+        raise StageError(f"no image kept out of {report['total']} rows; reasons in {rejected_path}")
+    small = {label: n for label, n in report["kept_per_class"].items() if n < p.min_images_per_class}
+    if small:
+        listed = ", ".join(f"{label!r} ({n})" for label, n in small.items())
+        raise StageError(f"classes with fewer than download.min_images_per_class={p.min_images_per_class} "
+                         f"images: {listed}; reasons in {rejected_path}")
+
+
+if __name__ == "__main__":
+    run(lambda: main(sys.argv[1:]), NAME)

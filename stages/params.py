@@ -1,0 +1,141 @@
+"""Load and validate ``params.yaml``; let a stage's argparse flags override its section.
+
+Every stage reads its parameters through :func:`load`. Unknown keys and wrong types are
+refused with a single line that names the key (``ParamsError``, exit code 2), so a typo in
+``params.yaml`` never turns into a silent default or a traceback deep inside a stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_PATH = Path("params.yaml")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+# Pillow format names the download stage can be asked to keep.
+ImageFormat = Literal["BMP", "GIF", "JPEG", "PNG", "TIFF", "WEBP"]
+
+
+class ParamsError(Exception):
+    """params.yaml (or a flag overriding it) is wrong; the message is one line."""
+
+
+class Section(BaseModel):
+    # strict: "8" is not an int and 1 is not a bool; forbid: a misspelt key is an error.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DownloadParams(Section):
+    workers: PositiveInt = 32
+    connect_timeout: PositiveFloat = 5.0
+    read_timeout: PositiveFloat = 10.0
+    deadline: PositiveFloat = 60.0
+    retries: NonNegativeInt = 3
+    backoff: Annotated[float, Field(ge=0)] = 0.5
+    retry_after_cap: Annotated[float, Field(ge=0)] = 30.0
+    max_redirects: NonNegativeInt = 5
+    max_bytes: PositiveInt = 20_000_000
+    formats: list[ImageFormat] = Field(
+        default_factory=lambda: ["BMP", "GIF", "JPEG", "PNG", "TIFF", "WEBP"], min_length=1
+    )
+    max_pixels: PositiveInt = 40_000_000
+    min_side: PositiveInt = 32
+    min_images_per_class: NonNegativeInt = 10
+    user_agent: str = "image-pipeline-downloader/0.1 (+https://dvc.org)"
+
+
+class Params(Section):
+    download: DownloadParams = Field(default_factory=DownloadParams)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    got = error.get("input")
+    return f"{key}: {error['msg'][0].lower()}{error['msg'][1:]} (got {got!r})"
+
+
+def validate(raw: Any, source: str = str(DEFAULT_PATH)) -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ParamsError(f"{source}: {_describe(first)}{more}") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found (run from the repository root or pass --params)") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
+def load(path: Path = DEFAULT_PATH, overrides: dict[str, dict[str, Any]] | None = None) -> Params:
+    """Read ``path``, apply ``{section: {key: value}}`` overrides, validate the whole file."""
+    raw = read_yaml(path)
+    for section, values in (overrides or {}).items():
+        merged = dict(raw.get(section) or {})
+        merged.update({k: v for k, v in values.items() if v is not None})
+        raw[section] = merged
+    return validate(raw, source=str(path))
+
+
+# --- argparse: one flag per key of a section --------------------------------------------
+
+
+def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
+    """Map a field annotation to argparse ``type``/``nargs``/``choices``."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _flag_type(typing.get_args(annotation)[0])
+    if origin is list:
+        inner, extra = _flag_type(typing.get_args(annotation)[0])
+        return inner, {**extra, "nargs": "+"}
+    if origin is Literal:
+        return str, {"choices": list(typing.get_args(annotation))}
+    if annotation is bool:
+        return None, {"action": argparse.BooleanOptionalAction}
+    return annotation, {}
+
+
+def add_section_flags(parser: argparse.ArgumentParser, section: str) -> None:
+    """Add ``--key`` for every key of ``section`` (default None: params.yaml decides)."""
+    model = Params.model_fields[section].annotation
+    group = parser.add_argument_group(f"overrides for params.yaml '{section}:'")
+    group.add_argument("--params", type=Path, default=DEFAULT_PATH, help="parameters file (default: %(default)s)")
+    for name, field in model.model_fields.items():
+        kind, extra = _flag_type(field.annotation)
+        kwargs: dict[str, Any] = {"dest": f"{section}__{name}", "default": None, **extra}
+        if kind is not None:
+            kwargs["type"] = kind
+            kwargs["metavar"] = name.upper()
+        kwargs["help"] = f"{section}.{name} (params.yaml default: {field.get_default(call_default_factory=True)})"
+        group.add_argument(f"--{name.replace('_', '-')}", **kwargs)
+
+
+def load_for(args: argparse.Namespace, section: str) -> Params:
+    """Load params with the flags added by :func:`add_section_flags` applied on top."""
+    prefix = f"{section}__"
+    values = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
+    return load(args.params, {section: values})

@@ -1,0 +1,77 @@
+"""Writing files so that a crash never leaves a partial one, and the download cache.
+
+Temporary files live in a scratch folder outside the outputs and are renamed into place, so
+a SIGKILL at any moment leaves either the old file, the new file, or nothing, and never a
+temporary file inside a DVC output.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomic(path: Path, data: bytes, scratch: Path | None = None) -> None:
+    """Write ``data`` to ``path`` via a temporary file in ``scratch`` (default: beside it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = scratch or path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV or scratch is None:
+                raise
+            os.unlink(tmp)  # scratch is on another file system: fall back to a temp file beside it
+            write_atomic(path, data)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, text.encode("utf-8"))
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class UrlCache:
+    """Validated bytes of remote URLs, so an interrupted run does not fetch them again.
+
+    ``objects/<sha256>`` holds content, ``urls/<sha256 of URL>`` the content hash it had.
+    Content is checked against its hash on every read, so a damaged entry is refetched.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.scratch = root / "tmp"
+
+    def _url_entry(self, url: str) -> Path:
+        key = sha256(url.encode("utf-8"))
+        return self.root / "urls" / key[:2] / key
+
+    def _object(self, digest: str) -> Path:
+        return self.root / "objects" / digest[:2] / digest
+
+    def get(self, url: str) -> bytes | None:
+        try:
+            digest = self._url_entry(url).read_text(encoding="ascii").strip()
+            data = self._object(digest).read_bytes()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return data if sha256(data) == digest else None
+
+    def put(self, url: str, data: bytes, digest: str) -> None:
+        obj = self._object(digest)
+        if not obj.exists():
+            write_atomic(obj, data, self.scratch)
+        write_atomic(self._url_entry(url), digest.encode("ascii"), self.scratch)

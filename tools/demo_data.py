@@ -1,0 +1,145 @@
+"""Write the embedded demo data set: scikit-learn's 1,797 handwritten digits as image files.
+
+    python -m tools.demo_data --out data
+
+Nothing can be downloaded at run time, so the demo uses real data that ships inside a PyPI
+package. The 8x8 digits become files the way users' images look: PNG and JPEG, RGB and
+grayscale, some with an EXIF orientation tag, of varied sizes and aspect ratios. Classes 0-8
+are listed in ``manifest.csv`` (relative paths); class 9 is a local folder of images
+(``local/9/``), the way a user adds a class from disk. A few bad rows show validation at work.
+
+The output is a pure function of the seed and the pinned package versions: regenerating it
+gives byte-identical files, so ``data.dvc`` stays valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+
+SEED = 2026
+FOLDER_CLASS = 9  # delivered as a folder source instead of manifest rows
+EXIF_ORIENTATION = 0x0112
+# Transpose that stores an upright picture so that EXIF orientation N displays it upright again.
+STORE_FOR_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def render(digit: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """Dark ink on light paper, the digit scaled up and placed off-centre on a non-square sheet."""
+    side = int(rng.integers(36, 120))
+    width = int(side * rng.uniform(1.0, 1.8))
+    height = int(side * rng.uniform(1.0, 1.8))
+    if rng.random() < 0.5:
+        width, height = height, width
+    ink = Image.fromarray((digit * (255 / 16)).astype(np.uint8)).resize((side, side), Image.Resampling.BICUBIC)
+    paper = int(rng.integers(215, 256))
+    sheet = Image.new("L", (width, height), 0)
+    sheet.paste(ink, (int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))))
+    gray = np.asarray(sheet, dtype=np.float32) / 255
+    if rng.random() < 0.4:
+        return Image.fromarray(np.round(paper * (1 - gray)).astype(np.uint8), "L")
+    paper_rgb = rng.integers(200, 256, size=3).astype(np.float32)
+    ink_rgb = rng.integers(0, 90, size=3).astype(np.float32)
+    rgb = paper_rgb * (1 - gray[..., None]) + ink_rgb * gray[..., None]
+    return Image.fromarray(np.round(rgb).astype(np.uint8), "RGB")
+
+
+def encode(image: Image.Image, rng: np.random.Generator) -> tuple[bytes, str]:
+    buffer = io.BytesIO()
+    if rng.random() < 0.5:
+        image.save(buffer, "PNG", optimize=False, compress_level=6)
+        return buffer.getvalue(), "png"
+    exif = Image.Exif()
+    if rng.random() < 0.3:
+        orientation = int(rng.integers(2, 9))
+        image = image.transpose(STORE_FOR_ORIENTATION[orientation])
+        exif[EXIF_ORIENTATION] = orientation
+    image.save(buffer, "JPEG", quality=int(rng.integers(80, 96)), exif=exif.tobytes())
+    return buffer.getvalue(), "jpg"
+
+
+def write_bad_rows(root: Path, rows: list[tuple[str, str]], first_png: tuple[str, bytes]) -> None:
+    """Rows that the download stage must drop, each for a different reason."""
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "not_an_image.jpg").write_text("This is a text file that only pretends to be a JPEG.\n")
+    jpeg = io.BytesIO()  # noise, so the cut lands in the scan data and only decoding finds it
+    noise = np.random.default_rng(SEED).integers(0, 256, size=(160, 160, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(jpeg, "JPEG", quality=90)
+    (bad / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) * 2 // 3])
+    label, data = first_png
+    (bad / "duplicate.png").write_bytes(data)
+    rows += [
+        ("bad/not_an_image.jpg", "3"),
+        ("bad/truncated.jpg", "5"),
+        ("images/7/missing.png", "7"),
+        ("ftp://example.com/digits/seven.png", "7"),
+        ("bad/duplicate.png", label),
+    ]
+
+
+def generate(out: Path) -> int:
+    digits = load_digits()
+    rng = np.random.default_rng(SEED)
+    rows: list[tuple[str, str]] = []
+    first_png = None
+    for index, (pixels, target) in enumerate(zip(digits.images, digits.target)):
+        data, extension = encode(render(pixels, rng), rng)
+        label = str(int(target))
+        folder = Path("local" if target == FOLDER_CLASS else "images", label)
+        path = folder / f"{index:04d}.{extension}"
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        (out / path).write_bytes(data)
+        if target != FOLDER_CLASS:
+            rows.append((path.as_posix(), label))
+            if first_png is None and extension == "png":
+                first_png = (label, data)
+    assert first_png is not None
+    write_bad_rows(out, rows, first_png)
+    with (out / "manifest.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["url", "label"])
+        writer.writerows(rows)
+    return len(digits.images)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tools.demo_data", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("data"), help="folder to create (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="replace the folder if it exists")
+    args = parser.parse_args(argv)
+    if args.out.exists() and not args.force:
+        sys.exit(f"demo_data: error: {args.out} exists; pass --force to replace it")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so an interrupted run never leaves half a data set.
+    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}-", dir=args.out.parent))
+    try:
+        staging.chmod(0o755)
+        count = generate(staging)
+        if args.out.exists():
+            shutil.rmtree(args.out)
+        staging.rename(args.out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"demo_data: wrote {count} digit images and manifest.csv to {args.out}/")
+
+
+if __name__ == "__main__":
+    main()

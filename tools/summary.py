@@ -1,0 +1,32 @@
+"""Print what the last pipeline run produced, from the DVC metrics files (the end of `make demo`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DOWNLOAD = Path("reports/download/metrics.json")
+
+
+def download_summary(path: Path = DOWNLOAD) -> str:
+    report = json.loads(path.read_text())
+    drops = ", ".join(f"{reason} {n}" for reason, n in report["dropped_by_reason"].items() if n) or "none"
+    classes = " ".join(f"{label}:{n}" for label, n in report["kept_per_class"].items())
+    return "\n".join([
+        f"download: {report['total']} rows -> {report['kept']} images ({report['bytes'] / 1e6:.1f} MB) "
+        f"in {report['classes']} classes",
+        f"  per class: {classes}",
+        f"  dropped {report['dropped']}: {drops}",
+        f"  every dropped row, with its reason: {path.with_name('rejected.csv')}",
+    ])
+
+
+def main() -> None:
+    if not DOWNLOAD.exists():
+        sys.exit(f"summary: {DOWNLOAD} not found; run `dvc repro` first")
+    print(download_summary())
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -41,13 +42,16 @@ def start_server(count: int, bad_fraction: float, latency: float) -> tuple[subpr
     return server, int(line.split()[1])
 
 
-def timed(command: list[str], **kwargs) -> float:
+def timed(command: list[str], **kwargs) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system, the command and all its processes)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, **kwargs)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise SystemExit(f"bench: {' '.join(command[:3])} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    return seconds
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def run_ours(manifest: Path, workers: int) -> dict:
@@ -55,7 +59,7 @@ def run_ours(manifest: Path, workers: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     log = WORK / "ours.log"
     log.unlink(missing_ok=True)
-    seconds = timed([
+    seconds, cpu = timed([
         sys.executable, "-m", "stages.download", "--manifest", str(manifest), "--out", str(out / "images"),
         "--report", str(out / "report" / "metrics.json"), "--refresh", "--cache-dir", str(WORK / "cache"),
         "--log", str(log), "--workers", str(workers), "--min-images-per-class", "0", "--min-side", "16",
@@ -64,13 +68,14 @@ def run_ours(manifest: Path, workers: int) -> dict:
     in_stage = json.loads(log.read_text().splitlines()[-1])["seconds"]
     return {"seconds": round(seconds, 3), "seconds_inside_stage": in_stage, "kept": report["kept"],
             "images_per_s": round(report["kept"] / seconds, 1),
-            "urls_per_s_inside_stage": round(report["total"] / in_stage, 1)}
+            "urls_per_s_inside_stage": round(report["total"] / in_stage, 1),
+            "cpu_ms_per_url": round(cpu / report["total"] * 1000, 2)}
 
 
-def run_img2dataset(binary: str, manifest: Path, workers: int, processes: int) -> dict:
+def run_img2dataset(binary: str, manifest: Path, workers: int, processes: int, count: int) -> dict:
     out = WORK / f"img2dataset-{processes}p"
     shutil.rmtree(out, ignore_errors=True)
-    seconds = timed([
+    seconds, cpu = timed([
         binary, "--url_list", str(manifest), "--input_format", "csv", "--url_col", "url",
         "--output_format", "files", "--output_folder", str(out), "--resize_mode", "no", "--skip_reencode", "True",
         "--processes_count", str(processes), "--thread_count", str(workers // processes), "--timeout", "10",
@@ -78,7 +83,24 @@ def run_img2dataset(binary: str, manifest: Path, workers: int, processes: int) -
     ], env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
     kept = len(list(out.rglob("*.jpg")))
     return {"processes": processes, "threads_per_process": workers // processes, "seconds": round(seconds, 3),
-            "kept": kept, "images_per_s": round(kept / seconds, 1)}
+            "kept": kept, "images_per_s": round(kept / seconds, 1), "cpu_ms_per_url": round(cpu / count * 1000, 2)}
+
+
+def compare(binary: str, manifest: Path, workers: int, latency: float, count: int) -> dict:
+    ours = run_ours(manifest, workers)
+    theirs = [run_img2dataset(binary, manifest, workers, p, count) for p in (1, 2)]
+    best = max(theirs, key=lambda r: r["images_per_s"])
+    limit = workers / latency
+    return {
+        "workers": workers,
+        "latency_bound_limit_urls_per_s": limit,
+        # What this machine's cores allow at our measured CPU cost per URL (server not counted).
+        "cpu_bound_limit_urls_per_s": round((os.cpu_count() or 1) / ours["cpu_ms_per_url"] * 1000, 1),
+        "ours": ours,
+        "img2dataset": theirs,
+        "ratio_vs_best_img2dataset": round(ours["images_per_s"] / best["images_per_s"], 2),
+        "fraction_of_latency_limit": round(ours["urls_per_s_inside_stage"] / limit, 2),
+    }
 
 
 def main() -> None:
@@ -87,7 +109,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--bad-fraction", type=float, default=0.1)
     parser.add_argument("--latency", type=float, default=0.02)
-    parser.add_argument("--workers", type=int, default=32)
+    parser.add_argument("--workers", type=int, nargs="+", default=[8, 16, 32],
+                        help="total concurrency, the same for both tools (default: %(default)s)")
     args = parser.parse_args()
     if not args.img2dataset:
         raise SystemExit("bench: img2dataset not found; `make bench` installs it into .venv-bench")
@@ -101,32 +124,30 @@ def main() -> None:
         with manifest.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["url", "label"])
-            writer.writerows((f"http://127.0.0.1:{port}{path}", label) for path, label in url_list(args.count, args.bad_fraction))
-        ours = run_ours(manifest, args.workers)
-        theirs = [run_img2dataset(args.img2dataset, manifest, args.workers, p) for p in (1, 2)]
+            writer.writerows((f"http://127.0.0.1:{port}{path}", label)
+                             for path, label in url_list(args.count, args.bad_fraction))
+        runs = [compare(args.img2dataset, manifest, workers, args.latency, args.count) for workers in args.workers]
     finally:
         server.kill()
         server.wait()
 
-    best = max(theirs, key=lambda r: r["images_per_s"])
-    limit = args.workers / args.latency
     result = {
         "benchmark": "download and validate, plain files, no resizing",
-        "urls": args.count, "bad_fraction": args.bad_fraction, "latency_s": args.latency, "workers": args.workers,
-        "latency_bound_limit_urls_per_s": limit,
-        "ours": ours,
-        "img2dataset": theirs,
-        "ratio_vs_best_img2dataset": round(ours["images_per_s"] / best["images_per_s"], 2),
-        "fraction_of_latency_limit": round(ours["urls_per_s_inside_stage"] / limit, 2),
+        "urls": args.count, "bad_fraction": args.bad_fraction, "latency_s": args.latency,
         "targets": {"ratio_vs_best_img2dataset": 1.2, "fraction_of_latency_limit": 0.8},
+        "runs": runs,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"ours {ours['images_per_s']} images/s vs img2dataset {best['images_per_s']} "
-          f"({result['ratio_vs_best_img2dataset']}x); {result['fraction_of_latency_limit']:.0%} of the "
-          f"{limit:.0f} URLs/s latency-bound limit")
+    print(f"{'workers':>7} {'limit/s':>8} {'cpu limit/s':>11} {'ours img/s':>10} {'i2d img/s':>9} {'ratio':>6} "
+          f"{'of limit':>8}")
+    for run in runs:
+        best = max(r["images_per_s"] for r in run["img2dataset"])
+        print(f"{run['workers']:>7} {run['latency_bound_limit_urls_per_s']:>8.0f} "
+              f"{run['cpu_bound_limit_urls_per_s']:>11.0f} {run['ours']['images_per_s']:>10} "
+              f"{best:>9} {run['ratio_vs_best_img2dataset']:>5}x {run['fraction_of_latency_limit']:>8.0%}")
+    print(f"results: {RESULTS.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ def run(main: Callable[[], None], name: str) -> None:
     except StageError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except OSError as exc:  # disk full, permissions: say which file, not where in the code
+        print(f"{name}: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
-import queue
+import os
 import re
 import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +30,9 @@ from stages.cli import StageError, run
 from stages.drops import REASONS, Drop
 from stages.fetch import Fetcher, FetchLimits, read_local
 from stages.params import DownloadParams
+from stages.pool import WorkerProcessError, run_sharded
 from stages.sources import Row, read_sources
-from stages.store import UrlCache, sha256, write_atomic, write_text_atomic
+from stages.store import Folders, UrlCache, sha256, write_atomic, write_text_atomic
 from stages.validate import EXTENSIONS, inspect
 
 NAME = "download"
@@ -50,30 +50,39 @@ class Outcome:
 
 
 class Writer:
-    """Writes each (label, content) once, atomically, however many rows carry it."""
+    """Writes each (label, content) once per process, atomically, however many rows carry it."""
 
     def __init__(self, out: Path, scratch: Path) -> None:
         self.out, self.scratch = out, scratch
-        self._claimed: set[Path] = set()
+        self.folders = Folders()
+        self._written: dict[Path, threading.Event] = {}
         self._lock = threading.Lock()
 
-    def path(self, label: str, digest: str, extension: str) -> Path:
-        return self.out / label / f"{digest}.{extension}"
-
-    def write(self, label: str, digest: str, extension: str, data: bytes) -> None:
-        path = self.path(label, digest, extension)
+    def write(self, label: str, digest: str, extension: str, data: bytes) -> Path:
+        """Return the path once the file is in place (written here or by another thread)."""
+        path = self.out / label / f"{digest}.{extension}"
         with self._lock:
-            if path in self._claimed:
-                return
-            self._claimed.add(path)
-        write_atomic(path, data, self.scratch)
+            done = self._written.get(path)
+            mine = done is None
+            if mine:
+                done = self._written[path] = threading.Event()
+        if mine:
+            try:
+                write_atomic(path, data, self.scratch, self.folders)
+            finally:
+                done.set()
+        else:
+            done.wait()
+        return path
 
 
 class Processor:
-    """One row in, one Outcome out: fetch or read, validate, write."""
+    """One row in, one Outcome out: fetch or read, validate, write. One per worker process."""
 
-    def __init__(self, p: DownloadParams, writer: Writer, cache: UrlCache | None, refresh: bool) -> None:
-        self.p, self.writer, self.cache, self.refresh = p, writer, cache, refresh
+    def __init__(self, p: DownloadParams, out: Path, cache_dir: Path, refresh: bool) -> None:
+        self.p, self.refresh = p, refresh
+        self.writer = Writer(out, cache_dir / "tmp")
+        self.cache = UrlCache(cache_dir)
         limits = FetchLimits(
             p.connect_timeout, p.read_timeout, p.deadline, p.retries, p.backoff,
             p.retry_after_cap, p.max_redirects, p.max_bytes,
@@ -89,7 +98,7 @@ class Processor:
         fetched = False
         try:
             if row.remote:
-                data = None if (self.cache is None or self.refresh) else self.cache.get(row.remote)
+                data = None if self.refresh else self.cache.get(row.remote)
                 if data is None:
                     data, fetched = self.fetcher.fetch(row.remote), True
             else:
@@ -99,38 +108,10 @@ class Processor:
         except Drop as drop:
             return Outcome(row, drop=drop, fetched=fetched)
         digest = sha256(data)
-        if row.remote and fetched and self.cache is not None:
-            self.cache.put(row.remote, data, digest)
-        self.writer.write(row.label, digest, info.extension, data)
+        written = self.writer.write(row.label, digest, info.extension, data)
+        if row.remote and fetched:
+            self.cache.put(row.remote, written, digest)
         return Outcome(row, digest, info.extension, len(data), fetched=fetched)
-
-
-def run_bounded(fn: Callable[[Row], Outcome], rows: Iterable[Row], workers: int) -> Iterator[Outcome]:
-    """Like ``pool.map`` but with at most ``2 * workers`` rows in flight, yielding as they finish.
-
-    Completed futures arrive through a queue (not ``concurrent.futures.wait``, whose cost grows
-    with the number of pending futures and dominated small downloads).
-    """
-    finished: queue.SimpleQueue[Future[Outcome]] = queue.SimpleQueue()
-    slots = threading.Semaphore(2 * workers)
-
-    def on_done(future: Future[Outcome]) -> None:
-        slots.release()
-        finished.put(future)
-
-    in_flight = 0
-    with ThreadPoolExecutor(workers, thread_name_prefix=NAME) as pool:
-        try:
-            for row in rows:
-                while not slots.acquire(blocking=False):
-                    in_flight -= 1
-                    yield finished.get().result()
-                in_flight += 1
-                pool.submit(fn, row).add_done_callback(on_done)
-            for _ in range(in_flight):
-                yield finished.get().result()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def resolve_duplicates(outcomes: list[Outcome]) -> list[Outcome]:
@@ -216,6 +197,13 @@ def summary_line(report: dict, seconds: float, fetched: int) -> str:
             f"{seconds:.1f} s, {rate:.0f} rows/s")
 
 
+def log_line(log: Path, record: dict) -> None:
+    """Append to the untracked log: where timings and tracebacks go, never into DVC outputs."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}) + "\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m stages.{NAME}", description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", "--source", dest="sources", nargs="+", type=Path, required=True,
@@ -241,22 +229,27 @@ def main(argv: list[str] | None = None) -> None:
         raise StageError(f"no rows in {' '.join(map(str, args.sources))}")
     check_output_folder(args.out)
 
-    writer = Writer(args.out, args.cache_dir / "tmp")
-    processor = Processor(p, writer, UrlCache(args.cache_dir), args.refresh)
-    outcomes: list[Outcome] = []
-    counts = Counter()
+    work = [row for row in rows if row.drop is None]
+    outcomes = [Outcome(row, drop=row.drop) for row in rows if row.drop is not None]
+    processes = p.processes or os.cpu_count() or 1
+    factory = functools.partial(Processor, p, args.out, args.cache_dir, args.refresh)
+    results = run_sharded(factory, work, p.workers, processes, preload=("stages.download",))
+    counts = Counter(dropped=len(outcomes), valid=0)
     try:
-        with tqdm(total=len(rows), desc=NAME, unit="url", mininterval=0.5, disable=None) as bar:
-            for outcome in run_bounded(processor, rows, p.workers):
+        with tqdm(total=len(rows), initial=len(outcomes), desc=NAME, unit="url", mininterval=0.5,
+                  disable=None) as bar:
+            for outcome in results:
                 outcomes.append(outcome)
                 counts["dropped" if outcome.drop else "valid"] += 1
                 bar.set_postfix(counts, refresh=False)
                 bar.update()
-    finally:
-        processor.close()
+    except WorkerProcessError as exc:
+        if exc.traceback_text:
+            log_line(args.log, {"error": str(exc), "traceback": exc.traceback_text})
+        raise StageError(f"{exc} (details in {args.log})" if exc.traceback_text else str(exc)) from None
 
     outcomes = resolve_duplicates(outcomes)
-    keep = {writer.path(o.row.label, o.digest, o.extension) for o in outcomes if o.digest and not o.drop}
+    keep = {args.out / o.row.label / f"{o.digest}.{o.extension}" for o in outcomes if o.digest and not o.drop}
     prune_output_folder(args.out, keep)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -266,11 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.monotonic() - started
     fetched = sum(o.fetched for o in outcomes)
     print(summary_line(report, seconds, fetched))
-    args.log.parent.mkdir(parents=True, exist_ok=True)
-    with args.log.open("a", encoding="utf-8") as log:
-        log.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": len(rows),
-                              "kept": report["kept"], "fetched": fetched, "seconds": round(seconds, 3),
-                              "rows_per_s": round(len(rows) / seconds, 1) if seconds else None}) + "\n")
+    log_line(args.log, {"rows": len(rows), "kept": report["kept"], "fetched": fetched, "seconds": round(seconds, 3),
+                        "rows_per_s": round(len(rows) / seconds, 1) if seconds else None})
 
     rejected_path = args.report.with_name("rejected.csv")
     if not report["kept"]:

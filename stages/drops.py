@@ -33,3 +33,6 @@ class Drop(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self):  # picklable across worker processes
+        return (Drop, (self.reason, self.detail))

@@ -36,6 +36,7 @@ class Section(BaseModel):
 
 class DownloadParams(Section):
     workers: PositiveInt = 32
+    processes: NonNegativeInt = 0  # 0: one per CPU core; the workers are shared out among them
     connect_timeout: PositiveFloat = 5.0
     read_timeout: PositiveFloat = 10.0
     deadline: PositiveFloat = 60.0

@@ -129,13 +129,14 @@ def write_manifest(folder: Path, server: hs.Server, paths: list[str]) -> Path:
     return manifest
 
 
-def run_stage(tmp_path: Path, manifest: Path, out: str = "out", cache: str = "cache") -> dict:
+def run_stage(tmp_path: Path, manifest: Path, out: str = "out", cache: str = "cache", processes: int = 1) -> dict:
     params = tmp_path / "params.yaml"
     params.write_text(PARAMS)
     report = tmp_path / out / "report" / "metrics.json"
     download.main([
         "--params", str(params), "--manifest", str(manifest), "--out", str(tmp_path / out / "images"),
         "--report", str(report), "--cache-dir", str(tmp_path / cache), "--log", str(tmp_path / "log"),
+        "--processes", str(processes),
     ])
     return json.loads(report.read_text())
 
@@ -149,12 +150,13 @@ def tree(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_every_failure_is_dropped_with_its_reason_and_every_image_kept(tmp_path, server):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_every_failure_is_dropped_with_its_reason_and_every_image_kept(tmp_path, server, processes):
     paths = sorted(set(EXPECTED_KEPT) | set(EXPECTED_DROPS))
     manifest = write_manifest(tmp_path, server, paths)
 
     started = time.monotonic()
-    report = run_stage(tmp_path, manifest)
+    report = run_stage(tmp_path, manifest, processes=processes)
     elapsed = time.monotonic() - started
 
     # The trickling and stalled servers cost at most one deadline (2.5 s), running in parallel
@@ -194,7 +196,7 @@ def test_second_run_is_byte_identical_and_fetches_nothing_kept_again(tmp_path, s
     manifest = write_manifest(tmp_path, server, paths)
     run_stage(tmp_path, manifest, out="first")
     hits_after_first = dict(server.hits)
-    run_stage(tmp_path, manifest, out="second")
+    run_stage(tmp_path, manifest, out="second", processes=2)
 
     assert tree(tmp_path / "first") == tree(tmp_path / "second")
     for path in ["/rgb.png", "/photo.jpg", "/dup-a.png", "/dup-b.png", "/flaky.png"]:

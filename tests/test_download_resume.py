@@ -18,7 +18,8 @@ from tests import http_server as hs
 from tests import images
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = "download:\n  workers: 4\n  read_timeout: 30.0\n  deadline: 60.0\n  min_side: 16\n  min_images_per_class: 1\n"
+PARAMS = ("download:\n  workers: 4\n  processes: 2\n  read_timeout: 30.0\n  deadline: 60.0\n  min_side: 16\n"
+          "  min_images_per_class: 1\n")
 
 
 def wait_for(condition, timeout: float = 20.0) -> None:
@@ -26,6 +27,18 @@ def wait_for(condition, timeout: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.05)
+
+
+def processes_in(folder: Path) -> list[int]:
+    """Processes whose working directory is ``folder`` (the stage and its worker processes)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and Path(os.readlink(entry / "cwd")) == folder:
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
 
 
 def test_sigkill_leaves_no_partial_file_and_resume_skips_what_was_kept(tmp_path):
@@ -56,9 +69,11 @@ def test_sigkill_leaves_no_partial_file_and_resume_skips_what_was_kept(tmp_path)
         try:
             wait_for(lambda: cached() == len(fast))
             assert first.poll() is None, "the first run should still wait for the held URLs"
+            assert len(processes_in(tmp_path)) == 3  # the stage and its two worker processes
         finally:
             first.send_signal(signal.SIGKILL)
             first.wait()
+        wait_for(lambda: processes_in(tmp_path) == [], timeout=5)  # workers die with their parent
 
         out = tmp_path / "images"
         leftovers = [p for p in out.rglob("*") if p.name.startswith(".")] if out.exists() else []

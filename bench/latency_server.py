@@ -57,8 +57,8 @@ async def serve(routes: dict[str, tuple[int, bytes, str]], latency: float, port:
         try:
             while line := await reader.readline():
                 target = line.split(b" ")[1].decode()
-                while (header := await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    pass
+                while await reader.readline() not in (b"\r\n", b"\n", b""):
+                    pass  # headers: not needed
                 await asyncio.sleep(latency)
                 status, body, ctype = routes.get(target, (404, b"not found", "text/plain"))
                 reason = "OK" if status == 200 else "Not Found"

@@ -32,11 +32,11 @@ from stages.fetch import Fetcher, FetchLimits, read_local
 from stages.params import DownloadParams
 from stages.pool import WorkerProcessError, run_sharded
 from stages.sources import Row, read_sources
-from stages.store import Folders, UrlCache, sha256, write_atomic, write_text_atomic
+from stages.store import Folders, UrlCache, remove_stale_temporaries, sha256, write_atomic, write_text_atomic
 from stages.validate import EXTENSIONS, inspect
 
 NAME = "download"
-OUTPUT_FILE = re.compile(r"^[0-9a-f]{64}\.(%s)$" % "|".join(sorted(set(EXTENSIONS.values()))))
+OUTPUT_FILE = re.compile(rf"^[0-9a-f]{{64}}\.({'|'.join(sorted(set(EXTENSIONS.values())))})$")
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,6 @@ class Processor:
         self.fetcher.close()
 
     def __call__(self, row: Row) -> Outcome:
-        if row.drop:
-            return Outcome(row, drop=row.drop)
         fetched = False
         try:
             if row.remote:
@@ -132,7 +130,8 @@ def resolve_duplicates(outcomes: list[Outcome]) -> list[Outcome]:
             continue
         first, *rest = group
         resolved.append(first)
-        resolved += [Outcome(o.row, drop=Drop("duplicate", f"same bytes as {first.row.url}"), fetched=o.fetched) for o in rest]
+        for o in rest:
+            resolved.append(Outcome(o.row, drop=Drop("duplicate", f"same bytes as {first.row.url}"), fetched=o.fetched))
     return sorted(resolved, key=lambda o: o.row.index)
 
 
@@ -228,19 +227,20 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         raise StageError(f"no rows in {' '.join(map(str, args.sources))}")
     check_output_folder(args.out)
+    remove_stale_temporaries(args.cache_dir / "tmp")
 
     work = [row for row in rows if row.drop is None]
     outcomes = [Outcome(row, drop=row.drop) for row in rows if row.drop is not None]
     processes = p.processes or os.cpu_count() or 1
     factory = functools.partial(Processor, p, args.out, args.cache_dir, args.refresh)
     results = run_sharded(factory, work, p.workers, processes, preload=("stages.download",))
-    counts = Counter(dropped=len(outcomes), valid=0)
+    counts = Counter(kept=0, dropped=len(outcomes))  # "kept" before duplicates are resolved
     try:
         with tqdm(total=len(rows), initial=len(outcomes), desc=NAME, unit="url", mininterval=0.5,
                   disable=None) as bar:
             for outcome in results:
                 outcomes.append(outcome)
-                counts["dropped" if outcome.drop else "valid"] += 1
+                counts["dropped" if outcome.drop else "kept"] += 1
                 bar.set_postfix(counts, refresh=False)
                 bar.update()
     except WorkerProcessError as exc:

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -49,6 +50,19 @@ def write_atomic(path: Path, data: bytes, scratch: Path | None = None, folders: 
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(scratch: Path, older_than: float = 3600.0) -> None:
+    """Temporary files a killed run left behind (never in an output: only in ``scratch``)."""
+    if not scratch.is_dir():
+        return
+    cutoff = time.time() - older_than  # spare those of a run that may still be going
+    for leftover in scratch.glob(".tmp-*"):
+        try:
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def write_text_atomic(path: Path, text: str) -> None:

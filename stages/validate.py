@@ -61,8 +61,9 @@ def inspect(data: bytes, formats: list[str], max_pixels: int, min_side: int) -> 
             width, height = image.size
             if image.format not in formats:
                 raise Drop("unsupported_format", f"{image.format} is not in download.formats {formats}")
-            if width * height > max_pixels:
-                raise Drop("too_many_pixels", f"{width}x{height} = {width * height} pixels > download.max_pixels {max_pixels}")
+            pixels = width * height
+            if pixels > max_pixels:
+                raise Drop("too_many_pixels", f"{width}x{height} = {pixels} pixels > download.max_pixels {max_pixels}")
             if min(width, height) < min_side:
                 raise Drop("too_small", f"{width}x{height}: shorter side < download.min_side {min_side}")
             try:

@@ -19,7 +19,7 @@ Route = Callable[["Handler", int], None]
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "Server"
+    server: Server
 
     def log_message(self, *args) -> None:  # keep test output clean
         pass
@@ -66,7 +66,7 @@ class Server(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:  # resets and broken pipes are on purpose
         pass
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         self._thread.start()
         return self
 

@@ -100,7 +100,7 @@ def generate(out: Path) -> int:
     rng = np.random.default_rng(SEED)
     rows: list[tuple[str, str]] = []
     first_png = None
-    for index, (pixels, target) in enumerate(zip(digits.images, digits.target)):
+    for index, (pixels, target) in enumerate(zip(digits.images, digits.target, strict=True)):
         data, extension = encode(render(pixels, rng), rng)
         label = str(int(target))
         folder = Path("local" if target == FOLDER_CLASS else "images", label)

@@ -77,10 +77,16 @@ class Writer:
 
 
 class Processor:
-    """One row in, one Outcome out: fetch or read, validate, write. One per worker process."""
+    """One row in, one Outcome out: fetch or read, validate, write. One per worker process.
 
-    def __init__(self, p: DownloadParams, out: Path, cache_dir: Path, refresh: bool) -> None:
+    ``share`` downloads run at once; twice as many threads call it, so that validating and
+    writing one image never holds up the next download.
+    """
+
+    def __init__(self, p: DownloadParams, out: Path, cache_dir: Path, refresh: bool, share: int) -> None:
         self.p, self.refresh = p, refresh
+        self.threads = 2 * share
+        self.downloads = threading.BoundedSemaphore(share)
         self.writer = Writer(out, cache_dir / "tmp")
         self.cache = UrlCache(cache_dir)
         limits = FetchLimits(
@@ -98,7 +104,8 @@ class Processor:
             if row.remote:
                 data = None if self.refresh else self.cache.get(row.remote)
                 if data is None:
-                    data, fetched = self.fetcher.fetch(row.remote), True
+                    with self.downloads:
+                        data, fetched = self.fetcher.fetch(row.remote), True
             else:
                 assert row.path is not None
                 data = read_local(row.path, self.p.max_bytes)

@@ -27,6 +27,14 @@ Result = TypeVar("Result")
 
 
 class Worker(Protocol):
+    """Built by ``factory(share)`` in each process, ``share`` being its part of the concurrency.
+
+    ``threads`` is how many threads should call it: more than ``share`` lets a worker keep
+    ``share`` slow operations (downloads) going while other threads do the quick ones.
+    """
+
+    threads: int
+
     def __call__(self, item: Any) -> Any: ...
     def close(self) -> None: ...
 
@@ -89,14 +97,14 @@ def _die_with_parent(parent_pid: int | None) -> None:
         os._exit(1)
 
 
-def _child(factory: Callable[[], Worker], shard: list, threads: int, results: Any, parent_pid: int | None) -> None:
+def _child(factory: Callable[[int], Worker], shard: list, share: int, results: Any, parent_pid: int | None) -> None:
     _die_with_parent(parent_pid)
     try:
-        worker = factory()
+        worker = factory(share)
         try:
             batch: list = []
             flushed = time.monotonic()
-            for result in run_threads(worker, shard, threads):
+            for result in run_threads(worker, shard, worker.threads):
                 batch.append(result)
                 if len(batch) >= 64 or time.monotonic() - flushed > 0.2:
                     results.put(("results", batch))
@@ -118,21 +126,21 @@ def _start_method() -> str:
     return "forkserver" if "forkserver" in methods else "spawn"
 
 
-def run_sharded(factory: Callable[[], Worker], items: list, threads: int, processes: int,
+def run_sharded(factory: Callable[[int], Worker], items: list, concurrency: int, processes: int,
                 preload: tuple[str, ...] = ()) -> Iterator:
-    """Share ``threads`` out over ``processes`` (round-robin shards); results in completion order.
+    """Share ``concurrency`` out over ``processes`` (round-robin shards); results in completion order.
 
     ``factory`` builds the worker inside each process (it must be picklable unless forking);
     ``preload`` names modules a fork server imports once, before forking the workers.
     The processes are started before this returns, so the caller may start threads afterwards.
     """
-    processes = max(1, min(processes, threads, len(items)))
+    processes = max(1, min(processes, concurrency, len(items)))
     if processes == 1:
-        worker = factory()
+        worker = factory(concurrency)
 
         def in_process() -> Iterator:
             try:
-                yield from run_threads(worker, items, threads)
+                yield from run_threads(worker, items, worker.threads)
             finally:
                 worker.close()
 
@@ -142,7 +150,7 @@ def run_sharded(factory: Callable[[], Worker], items: list, threads: int, proces
     if context.get_start_method() == "forkserver":
         context.set_forkserver_preload(list(preload))
     results = context.Queue()
-    shares = [threads // processes + (k < threads % processes) for k in range(processes)]
+    shares = [concurrency // processes + (k < concurrency % processes) for k in range(processes)]
     parent_pid = os.getpid() if context.get_start_method() == "fork" else None
     sys.stdout.flush()
     sys.stderr.flush()

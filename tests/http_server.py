@@ -27,10 +27,13 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         n = self.server.record(self.path)
         route = self.server.routes.get(self.path)
-        if route is None:
-            send(self, 404, b"not found", "text/plain")
-        else:
-            route(self, n)
+        try:
+            if route is None:
+                send(self, 404, b"not found", "text/plain")
+            else:
+                route(self, n)
+        finally:
+            self.server.finished()
 
     def pause(self, seconds: float) -> bool:
         """Sleep unless the server is stopping; False once it is."""
@@ -47,6 +50,7 @@ class Server(ThreadingHTTPServer):
         self.hits: Counter[str] = Counter()
         self.times: dict[str, list[float]] = defaultdict(list)
         self.stopping = threading.Event()
+        self.active = self.peak_active = 0  # requests being answered now, and the most at once
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
@@ -61,7 +65,13 @@ class Server(ThreadingHTTPServer):
         with self._lock:
             self.hits[path] += 1
             self.times[path].append(time.monotonic())
+            self.active += 1
+            self.peak_active = max(self.peak_active, self.active)
             return self.hits[path]
+
+    def finished(self) -> None:
+        with self._lock:
+            self.active -= 1
 
     def handle_error(self, request, client_address) -> None:  # resets and broken pipes are on purpose
         pass
@@ -104,6 +114,14 @@ def fail_then(code: int, times: int, then: Route, headers: dict[str, str] | None
             send(h, code, b"try later", "text/plain", headers)
         else:
             then(h, n)
+
+    return route
+
+
+def slow(data: bytes, seconds: float) -> Route:
+    def route(h: Handler, n: int) -> None:
+        h.pause(seconds)
+        send(h, 200, data, "image/png")
 
     return route
 

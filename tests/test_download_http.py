@@ -129,14 +129,15 @@ def write_manifest(folder: Path, server: hs.Server, paths: list[str]) -> Path:
     return manifest
 
 
-def run_stage(tmp_path: Path, manifest: Path, out: str = "out", cache: str = "cache", processes: int = 1) -> dict:
+def run_stage(tmp_path: Path, manifest: Path, out: str = "out", cache: str = "cache", processes: int = 1,
+              *flags: str) -> dict:
     params = tmp_path / "params.yaml"
     params.write_text(PARAMS)
     report = tmp_path / out / "report" / "metrics.json"
     download.main([
         "--params", str(params), "--manifest", str(manifest), "--out", str(tmp_path / out / "images"),
         "--report", str(report), "--cache-dir", str(tmp_path / cache), "--log", str(tmp_path / "log"),
-        "--processes", str(processes),
+        "--processes", str(processes), *flags,
     ])
     return json.loads(report.read_text())
 
@@ -218,3 +219,13 @@ def test_output_does_not_depend_on_manifest_order_of_unrelated_rows(tmp_path, se
     run_stage(tmp_path, write_manifest(tmp_path, server, paths), out="forward")
     run_stage(tmp_path, write_manifest(tmp_path, server, paths[::-1]), out="backward")
     assert tree(tmp_path / "forward") == tree(tmp_path / "backward")
+
+
+@pytest.mark.parametrize(("workers", "processes"), [(3, 1), (4, 2)])
+def test_never_more_downloads_at_once_than_workers(tmp_path, server, workers, processes):
+    paths = [f"/slow-{i}.png" for i in range(16)]
+    server.routes.update({path: hs.slow(images.rgb_png(100 + i), 0.15) for i, path in enumerate(paths)})
+    report = run_stage(tmp_path, write_manifest(tmp_path, server, paths), "out", "cache", processes,
+                       "--workers", str(workers))
+    assert report["kept"] == len(paths)
+    assert server.peak_active == workers

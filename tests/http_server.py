@@ -100,6 +100,16 @@ def send(handler: Handler, status: int, body: bytes = b"", content_type: str = "
     handler.wfile.write(body)
 
 
+def head(handler: Handler, headers: dict[str, str]) -> None:
+    """A 200 status line and headers, sent now; the route decides what body (if any) follows."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "image/jpeg")
+    for key, value in headers.items():
+        handler.send_header(key, value)
+    handler.end_headers()
+    handler.wfile.flush()
+
+
 def body(data: bytes, content_type: str = "image/jpeg") -> Route:
     return lambda h, n: send(h, 200, data, content_type)
 
@@ -134,11 +144,7 @@ def trickle(interval: float) -> Route:
     """Announce a large body and send one byte per ``interval``: never idle, never done."""
 
     def route(h: Handler, n: int) -> None:
-        h.send_response(200)
-        h.send_header("Content-Type", "image/jpeg")
-        h.send_header("Content-Length", "100000")
-        h.end_headers()
-        h.wfile.flush()
+        head(h, {"Content-Length": "100000"})
         while h.pause(interval):
             h.wfile.write(b"\xff")
             h.wfile.flush()
@@ -148,11 +154,7 @@ def trickle(interval: float) -> Route:
 
 def stall(h: Handler, n: int) -> None:
     """Headers, then silence with the connection held open."""
-    h.send_response(200)
-    h.send_header("Content-Type", "image/jpeg")
-    h.send_header("Content-Length", "5000")
-    h.end_headers()
-    h.wfile.flush()
+    head(h, {"Content-Length": "5000"})
     h.pause(60)
 
 
@@ -165,10 +167,7 @@ def reset(h: Handler, n: int) -> None:
 
 def lying_length(data: bytes, announced: int) -> Route:
     def route(h: Handler, n: int) -> None:
-        h.send_response(200)
-        h.send_header("Content-Type", "image/png")
-        h.send_header("Content-Length", str(announced))
-        h.end_headers()
+        head(h, {"Content-Length": str(announced)})
         h.wfile.write(data)
         h.wfile.flush()
         h.close_connection = True
@@ -177,10 +176,7 @@ def lying_length(data: bytes, announced: int) -> Route:
 
 
 def declared_huge(h: Handler, n: int) -> None:
-    h.send_response(200)
-    h.send_header("Content-Type", "image/jpeg")
-    h.send_header("Content-Length", str(10**12))
-    h.end_headers()
+    head(h, {"Content-Length": str(10**12)})
     h.wfile.write(b"\xff\xd8")
     h.close_connection = True
 
@@ -189,10 +185,7 @@ def unannounced(size: int) -> Route:
     """A body with no Content-Length (ends when the connection closes)."""
 
     def route(h: Handler, n: int) -> None:
-        h.send_response(200)
-        h.send_header("Content-Type", "image/jpeg")
-        h.send_header("Connection", "close")
-        h.end_headers()
+        head(h, {"Connection": "close"})
         block = b"\0" * 65536
         for _ in range(size // len(block)):
             try:

@@ -54,8 +54,29 @@ class DownloadParams(Section):
     user_agent: str = "image-pipeline-downloader/0.1 (+https://dvc.org)"
 
 
+Channel = Annotated[int, Field(ge=0, le=255)]
+
+
+class PackParams(Section):
+    image_size: PositiveInt = 224
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    seed: int = 42
+    shard_size: PositiveInt = 1000
+    pad_color: Annotated[list[Channel], Field(min_length=3, max_length=3)] = Field(default_factory=lambda: [0, 0, 0])
+    resample: Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"] = "bilinear"
+    processes: NonNegativeInt = 0
+
+
+class AugmentParams(Section):
+    flip: bool = True  # random horizontal flip
+    rotation: Annotated[float, Field(ge=0, le=0.5)] = 0.1  # largest turn, as a fraction of a full turn; 0 = off
+    contrast: Annotated[float, Field(ge=0, lt=1)] = 0.1  # largest contrast change (factor 1 +- this); 0 = off
+
+
 class Params(Section):
     download: DownloadParams = Field(default_factory=DownloadParams)
+    pack: PackParams = Field(default_factory=PackParams)
+    augment: AugmentParams = Field(default_factory=AugmentParams)
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 DOWNLOAD = Path("reports/download/metrics.json")
+PACK = Path("reports/pack/metrics.json")
 
 
 def download_summary(path: Path = DOWNLOAD) -> str:
@@ -22,10 +23,20 @@ def download_summary(path: Path = DOWNLOAD) -> str:
     ])
 
 
+def pack_summary(path: Path = PACK) -> str:
+    report = json.loads(path.read_text())
+    images = report["images"]
+    return (f"pack: {images['train']} train + {images['val']} val images in {report['classes']} classes, "
+            f"{report['shards']['train']} + {report['shards']['val']} TFRecord shards in build/tfrecords/, "
+            f"{report['skipped']} skipped")
+
+
 def main() -> None:
     if not DOWNLOAD.exists():
         sys.exit(f"summary: {DOWNLOAD} not found; run `dvc repro` first")
     print(download_summary())
+    if PACK.exists():
+        print(pack_summary())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,112 @@
+"""Reading packed TFRecords for training: a fast, deterministic ``tf.data`` pipeline.
+
+    dataset = make_dataset("build/tfrecords", "train", batch_size=32, image_size=224, seed=42,
+                           augment=params.augment)
+
+Shards are read in parallel and interleaved, records parsed and PNG-decoded in parallel, then
+(for training) shuffled with a seed, augmented in the graph with stateless random ops, batched
+and prefetched. The same seed gives the same batches, epoch after epoch. Images come out as
+float32 in [0, 255] exactly as ``stages.imaging.preprocess`` made them: scaling is the model's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf  # noqa: E402
+
+from stages.params import AugmentParams  # noqa: E402
+
+FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+}
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+class DatasetError(Exception):
+    """The TFRecords cannot be read; the message names the file."""
+
+
+def shard_files(folder: Path | str, split: str) -> list[str]:
+    files = sorted(str(p) for p in Path(folder).glob(f"{split}-*-of-*.tfrecord"))
+    if not files:
+        raise DatasetError(f"no {split}-*.tfrecord shards in {folder}; run the pack stage first")
+    return files
+
+
+def count_records(files: list[str]) -> int:
+    """Read every shard once, checking each record's checksum: a corrupt or truncated file is
+    reported by name before training starts, not as an anonymous error mid-epoch."""
+    total = 0
+    for path in files:
+        try:
+            total += sum(1 for _ in tf.data.TFRecordDataset(path, buffer_size=1 << 20))
+        except (tf.errors.DataLossError, tf.errors.OutOfRangeError, tf.errors.InvalidArgumentError) as exc:
+            raise DatasetError(f"{path}: corrupt or truncated TFRecord ({exc.message.splitlines()[0]})") from None
+    return total
+
+
+def parse(serialized: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    record = tf.io.parse_single_example(serialized, FEATURES)
+    image = tf.io.decode_png(record["image/encoded"], channels=3)
+    image = tf.ensure_shape(image, [image_size, image_size, 3])
+    return tf.cast(image, tf.float32), record["image/class/label"]
+
+
+def rotate(image: tf.Tensor, turns: tf.Tensor) -> tf.Tensor:
+    """Rotate about the centre by ``turns`` of a full turn, edges extended (they are padding)."""
+    angle = turns * 2.0 * math.pi
+    height, width = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    x_offset = ((width - 1) - (cos * (width - 1) - sin * (height - 1))) / 2.0
+    y_offset = ((height - 1) - (sin * (width - 1) + cos * (height - 1))) / 2.0
+    transform = tf.stack([cos, -sin, x_offset, sin, cos, y_offset, 0.0, 0.0])[tf.newaxis]
+    rotated = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[tf.newaxis], transforms=transform, output_shape=tf.shape(image)[:2],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")
+    return rotated[0]
+
+
+def augmenter(params: AugmentParams):
+    """Per-image augmentation from a stateless seed: the same seed, the same picture."""
+
+    def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        seeds = tf.random.experimental.stateless_split(seed, num=3)
+        if params.flip:
+            image = tf.image.stateless_random_flip_left_right(image, seeds[0])
+        if params.rotation > 0:
+            turns = tf.random.stateless_uniform([], seeds[1], -params.rotation, params.rotation)
+            image = rotate(image, turns)
+        if params.contrast > 0:
+            image = tf.image.stateless_random_contrast(image, 1 - params.contrast, 1 + params.contrast, seeds[2])
+        return tf.clip_by_value(image, 0.0, 255.0), label
+
+    return augment
+
+
+def make_dataset(folder: Path | str, split: str, batch_size: int, image_size: int, seed: int = 0,
+                 training: bool | None = None, augment: AugmentParams | None = None,
+                 shuffle_buffer: int = 10_000) -> tf.data.Dataset:
+    """Batches of (float32 images, int64 labels). ``training`` (default: split == "train")
+    shuffles and applies ``augment``; otherwise the order is the shards' and nothing changes."""
+    training = split == "train" if training is None else training
+    files = shard_files(folder, split)
+    dataset = tf.data.Dataset.from_tensor_slices(files)
+    if training:
+        dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.interleave(
+        lambda path: tf.data.TFRecordDataset(path, buffer_size=1 << 20),
+        cycle_length=min(len(files), 8), num_parallel_calls=AUTOTUNE, deterministic=True)
+    if training:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
+    dataset = dataset.map(lambda record: parse(record, image_size), num_parallel_calls=AUTOTUNE, deterministic=True)
+    if training and augment is not None and (augment.flip or augment.rotation or augment.contrast):
+        seeds = tf.data.Dataset.random(seed=seed + 2, rerandomize_each_iteration=True).batch(2)
+        dataset = tf.data.Dataset.zip((dataset, seeds)).map(
+            lambda example, pair: augmenter(augment)(*example, pair), num_parallel_calls=AUTOTUNE,
+            deterministic=True)
+    return dataset.batch(batch_size, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)

@@ -51,10 +51,14 @@ def count_records(files: list[str]) -> int:
 
 
 def parse(serialized: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """One record -> (uint8 image, label); the cast to float32 happens once per batch."""
     record = tf.io.parse_single_example(serialized, FEATURES)
     image = tf.io.decode_png(record["image/encoded"], channels=3)
-    image = tf.ensure_shape(image, [image_size, image_size, 3])
-    return tf.cast(image, tf.float32), record["image/class/label"]
+    return tf.ensure_shape(image, [image_size, image_size, 3]), record["image/class/label"]
+
+
+def to_float(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    return tf.cast(images, tf.float32), labels
 
 
 def rotate(image: tf.Tensor, turns: tf.Tensor) -> tf.Tensor:
@@ -76,6 +80,7 @@ def augmenter(params: AugmentParams):
 
     def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         seeds = tf.random.experimental.stateless_split(seed, num=3)
+        image = tf.cast(image, tf.float32)
         if params.flip:
             image = tf.image.stateless_random_flip_left_right(image, seeds[0])
         if params.rotation > 0:
@@ -83,30 +88,40 @@ def augmenter(params: AugmentParams):
             image = rotate(image, turns)
         if params.contrast > 0:
             image = tf.image.stateless_random_contrast(image, 1 - params.contrast, 1 + params.contrast, seeds[2])
-        return tf.clip_by_value(image, 0.0, 255.0), label
+        # Back to uint8 (rounded) so augmented and plain images batch and cast alike.
+        return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8), label
 
     return augment
 
 
 def make_dataset(folder: Path | str, split: str, batch_size: int, image_size: int, seed: int = 0,
                  training: bool | None = None, augment: AugmentParams | None = None,
-                 shuffle_buffer: int = 10_000) -> tf.data.Dataset:
+                 shuffle_buffer: int = 10_000, cache: bool = False) -> tf.data.Dataset:
     """Batches of (float32 images, int64 labels). ``training`` (default: split == "train")
-    shuffles and applies ``augment``; otherwise the order is the shards' and nothing changes."""
+    shuffles and applies ``augment``; otherwise the order is the shards' and nothing changes.
+
+    ``cache`` keeps the decoded images in memory after the first pass (image_size^2 * 3 bytes
+    each, plus as many again for the shuffle buffer), so later epochs skip PNG decoding, the
+    pipeline's main cost. Without it, shuffling happens on the small encoded records."""
     training = split == "train" if training is None else training
     files = shard_files(folder, split)
     dataset = tf.data.Dataset.from_tensor_slices(files)
-    if training:
+    if training and not cache:
         dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.interleave(
         lambda path: tf.data.TFRecordDataset(path, buffer_size=1 << 20),
         cycle_length=min(len(files), 8), num_parallel_calls=AUTOTUNE, deterministic=True)
-    if training:
+    if training and not cache:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
     dataset = dataset.map(lambda record: parse(record, image_size), num_parallel_calls=AUTOTUNE, deterministic=True)
+    if cache:
+        dataset = dataset.cache()
+        if training:
+            dataset = dataset.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
     if training and augment is not None and (augment.flip or augment.rotation or augment.contrast):
         seeds = tf.data.Dataset.random(seed=seed + 2, rerandomize_each_iteration=True).batch(2)
         dataset = tf.data.Dataset.zip((dataset, seeds)).map(
             lambda example, pair: augmenter(augment)(*example, pair), num_parallel_calls=AUTOTUNE,
             deterministic=True)
-    return dataset.batch(batch_size, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+    dataset = dataset.batch(batch_size, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return dataset.map(to_float, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)

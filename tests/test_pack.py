@@ -180,3 +180,18 @@ def test_training_batches_are_deterministic_for_a_seed(packed):
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
     assert all(0 <= batch.min() and batch.max() <= 255 for batch in first)
+
+
+def test_cached_reading_gives_the_same_images_and_stays_deterministic(packed):
+    tmp_path, _, _ = packed
+    folder = tmp_path / "first" / "records"
+    plain = [b.numpy() for b, _ in make_dataset(folder, "val", 8, SIZE, training=False)]
+    cached = make_dataset(folder, "val", 8, SIZE, training=False, cache=True)
+    for _ in range(2):  # the first pass fills the cache, the second reads from it
+        assert all(np.array_equal(a, b.numpy()) for a, (b, _) in zip(plain, cached, strict=True))
+
+    def epochs(seed: int) -> list[np.ndarray]:
+        dataset = make_dataset(folder, "train", 8, SIZE, seed=seed, cache=True)
+        return [labels.numpy() for _ in range(2) for _, labels in dataset]
+
+    assert all(np.array_equal(a, b) for a, b in zip(epochs(5), epochs(5), strict=True))

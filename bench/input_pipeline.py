@@ -1,0 +1,181 @@
+"""Benchmark: packing and reading the TFRecords, against img2dataset, Keras and the training step.
+
+    python -m bench.input_pipeline --img2dataset .venv-bench/bin/img2dataset     (or: make bench)
+
+On two validated image sets (generated and run through the download stage here if missing), at
+224x224, in one run: photo-sized JPEGs, what users bring, and the demo's tiny digits:
+1. packing images/s: ``stages.pack`` against img2dataset's ``border`` resize writing TFRecords
+   (PNG at compression level 1 both, so the two do the same work; whole-command wall time,
+   start-up included);
+2. reading images/s: ``stages/dataset.py`` against ``keras.utils.image_dataset_from_directory``
+   on the image folder, augmentation off in both, second pass of each (the first warms caches);
+3. the training input pipeline (augmentation on) against ResNet50V2's measured training rate.
+Results go to ``bench/results/input_pipeline.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / "work" / "input_pipeline"
+RESULTS = ROOT / "bench" / "results" / "input_pipeline.json"
+SIZE = 224
+BATCH = 32
+
+
+def run(command: list[str], **kwargs) -> float:
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, **kwargs)
+    if result.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(command[:4])} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def make_photos(root: Path, count: int = 2000, classes: int = 4, seed: int = 0) -> None:
+    """Photo-sized JPEGs (long side 400-640 px, like the cats-vs-dogs seed set): smooth shapes
+    plus fine grain, so they cost what real photos cost to decode and resize."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        long_side = int(rng.integers(400, 641))
+        short_side = int(long_side * rng.uniform(0.6, 0.9))
+        width, height = (long_side, short_side) if rng.random() < 0.7 else (short_side, long_side)
+        coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+        smooth = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+        smooth = np.asarray(smooth, dtype=np.int16)
+        grain = rng.integers(-12, 13, size=(height, width, 3), dtype=np.int16)
+        folder = root / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def validated(name: str) -> Path:
+    """The download stage's output for the demo digits or for generated photo-sized images."""
+    images = WORK / name / "images"
+    if images.exists():
+        return images
+    raw = WORK / name / "raw"
+    if not raw.exists():
+        if name == "digits":
+            run([sys.executable, "-m", "tools.demo_data", "--out", str(raw)])
+        else:
+            make_photos(raw)
+    sources = [str(raw / "manifest.csv"), str(raw / "local")] if name == "digits" else [str(raw)]
+    run([sys.executable, "-m", "stages.download", "--manifest", *sources, "--out", str(images),
+         "--report", str(WORK / name / "download" / "metrics.json"), "--log", str(WORK / "download.log")])
+    return images
+
+
+def bench_pack(images: Path, img2dataset: str) -> dict:
+    files = sorted(p for p in images.rglob("*") if p.is_file())
+    out = images.parent / "ours"
+    shutil.rmtree(out, ignore_errors=True)
+    ours = run([sys.executable, "-m", "stages.pack", "--images", str(images), "--out", str(out / "records"),
+                "--report", str(out / "metrics.json"), "--image-size", str(SIZE)])
+    urls = images.parent / "files.csv"
+    urls.write_text("url\n" + "".join(f"{p.resolve().as_uri()}\n" for p in files))
+    theirs_out = images.parent / "img2dataset"
+    shutil.rmtree(theirs_out, ignore_errors=True)
+    theirs = run([img2dataset, "--url_list", str(urls), "--input_format", "csv", "--url_col", "url",
+                  "--output_format", "tfrecord", "--output_folder", str(theirs_out), "--resize_mode", "border",
+                  "--image_size", str(SIZE), "--encode_format", "png", "--encode_quality", "1",
+                  "--processes_count", str(os.cpu_count() or 1), "--thread_count", "16", "--extract_exif", "False", "--number_sample_per_shard", "1000"],
+                 env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    return {"images": len(files), "ours_images_per_s": round(len(files) / ours, 1),
+            "img2dataset_images_per_s": round(len(files) / theirs, 1), "ratio": round(theirs / ours, 2)}
+
+
+def images_per_second(dataset, passes: int = 2) -> float:
+    rate = 0.0
+    for _ in range(passes):  # keep the last pass: the first one warms the file cache and tf.function
+        count, started = 0, time.perf_counter()
+        for _, labels in dataset:
+            count += int(labels.shape[0])
+        rate = count / (time.perf_counter() - started)
+    return rate
+
+
+def bench_read(images: Path) -> dict:
+    import keras
+
+    from stages.dataset import make_dataset
+    from stages.params import AugmentParams
+
+    records = images.parent / "ours" / "records"
+    ours = images_per_second(make_dataset(records, "train", BATCH, SIZE, seed=1, augment=None))
+    cached = images_per_second(make_dataset(records, "train", BATCH, SIZE, seed=1, augment=None, cache=True))
+    keras_ds = keras.utils.image_dataset_from_directory(images, image_size=(SIZE, SIZE), batch_size=BATCH,
+                                                       shuffle=True, seed=1, verbose=False)
+    theirs = images_per_second(keras_ds)
+    augmented = images_per_second(make_dataset(records, "train", BATCH, SIZE, seed=1, augment=AugmentParams()))
+    return {"ours_images_per_s": round(ours, 1), "image_dataset_from_directory_images_per_s": round(theirs, 1),
+            "ratio": round(ours / theirs, 2), "ours_cached_images_per_s": round(cached, 1),
+            "ratio_cached": round(cached / theirs, 2), "ours_with_augmentation_images_per_s": round(augmented, 1)}
+
+
+def bench_training_step(classes: int, steps: int = 4) -> float:
+    import keras
+    import numpy as np
+
+    model = keras.applications.ResNet50V2(weights=None, input_shape=(SIZE, SIZE, 3), classes=classes)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, size=(BATCH, SIZE, SIZE, 3)).astype("float32")
+    y = rng.integers(0, classes, size=(BATCH,))
+    model.train_on_batch(x, y)  # build and trace outside the timing
+    started = time.perf_counter()
+    for _ in range(steps):
+        model.train_on_batch(x, y)
+    return BATCH * steps / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--img2dataset", default=shutil.which("img2dataset"), help="img2dataset executable")
+    args = parser.parse_args()
+    if not args.img2dataset:
+        raise SystemExit("bench: img2dataset not found; `make bench` installs it into .venv-bench")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    WORK.mkdir(parents=True, exist_ok=True)
+    sets = {}
+    for name in ("photos", "digits"):
+        images = validated(name)
+        sets[name] = {"pack": bench_pack(images, args.img2dataset), "read": bench_read(images)}
+    training = bench_training_step(4)
+    photos = sets["photos"]
+    result = {
+        "benchmark": "pack and read 224x224 TFRecords; ResNet50V2 training rate",
+        "sets": {"photos": "2000 generated photo-sized JPEGs (400-640 px), 4 classes",
+                 "digits": "the 1797 demo digits (36-216 px PNG/JPEG), 10 classes"},
+        **sets,
+        "training": {"resnet50v2_images_per_s": round(training, 2), "batch_size": BATCH,
+                     "input_over_training": round(photos["read"]["ours_with_augmentation_images_per_s"] / training, 1)},
+        "targets": {"pack_ratio": 1.0, "read_ratio": 2.0, "input_over_training": 10.0},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    for name, figures in sets.items():
+        packing, reading = figures["pack"], figures["read"]
+        print(f"{name}: pack {packing['ours_images_per_s']} images/s vs img2dataset "
+              f"{packing['img2dataset_images_per_s']} ({packing['ratio']}x); read {reading['ours_images_per_s']} "
+              f"images/s vs image_dataset_from_directory {reading['image_dataset_from_directory_images_per_s']} "
+              f"({reading['ratio']}x; cached {reading['ours_cached_images_per_s']}, {reading['ratio_cached']}x)")
+    print(f"input pipeline with augmentation {photos['read']['ours_with_augmentation_images_per_s']} images/s vs "
+          f"ResNet50V2 training {training:.1f} images/s ({result['training']['input_over_training']}x)")
+    print(f"results: {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

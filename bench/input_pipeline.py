@@ -90,7 +90,8 @@ def bench_pack(images: Path, img2dataset: str) -> dict:
     theirs = run([img2dataset, "--url_list", str(urls), "--input_format", "csv", "--url_col", "url",
                   "--output_format", "tfrecord", "--output_folder", str(theirs_out), "--resize_mode", "border",
                   "--image_size", str(SIZE), "--encode_format", "png", "--encode_quality", "1",
-                  "--processes_count", str(os.cpu_count() or 1), "--thread_count", "16", "--extract_exif", "False", "--number_sample_per_shard", "1000"],
+                  "--processes_count", str(os.cpu_count() or 1), "--thread_count", "16",
+                  "--extract_exif", "False", "--number_sample_per_shard", "1000"],
                  env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"})
     return {"images": len(files), "ours_images_per_s": round(len(files) / ours, 1),
             "img2dataset_images_per_s": round(len(files) / theirs, 1), "ratio": round(theirs / ours, 2)}

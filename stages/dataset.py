@@ -96,15 +96,20 @@ def augmenter(params: AugmentParams):
 
 def make_dataset(folder: Path | str, split: str, batch_size: int, image_size: int, seed: int = 0,
                  training: bool | None = None, augment: AugmentParams | None = None,
-                 shuffle_buffer: int = 10_000, cache: bool = False) -> tf.data.Dataset:
+                 shuffle_buffer: int = 10_000, cache: bool = False, verify: bool = True) -> tf.data.Dataset:
     """Batches of (float32 images, int64 labels). ``training`` (default: split == "train")
     shuffles and applies ``augment``; otherwise the order is the shards' and nothing changes.
 
     ``cache`` keeps the decoded images in memory after the first pass (image_size^2 * 3 bytes
     each, plus as many again for the shuffle buffer), so later epochs skip PNG decoding, the
-    pipeline's main cost. Without it, shuffling happens on the small encoded records."""
+    pipeline's main cost. Without it, shuffling happens on the small encoded records.
+
+    ``verify`` checks every record's checksum first (one quick pass), so a damaged shard stops
+    here with its name (``DatasetError``) rather than in the middle of an epoch."""
     training = split == "train" if training is None else training
     files = shard_files(folder, split)
+    if verify:
+        count_records(files)
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if training and not cache:
         dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)

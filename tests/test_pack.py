@@ -161,6 +161,8 @@ def test_corrupt_or_truncated_record_is_reported_by_file(packed, tmp_path):
     broken.write_bytes(data[: len(data) // 2])
     with pytest.raises(DatasetError, match=f"{broken}: corrupt or truncated"):
         count_records([str(broken)])
+    with pytest.raises(DatasetError, match=f"{broken}: corrupt or truncated"):
+        make_dataset(tmp_path, "train", 8, SIZE)  # the reader checks before training starts
     flipped = bytearray(data)
     flipped[len(data) // 3] ^= 0xFF
     broken.write_bytes(bytes(flipped))

@@ -1,0 +1,153 @@
+"""Evaluation shared by the trainers: the numbers and pictures a reviewer asks for.
+
+Accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix, and a weighted-random
+baseline (guessing each class as often as it occurs) so a score can be read against chance.
+Pictures are written with fixed settings and no metadata, so the same predictions give the
+same PNG bytes, as DVC outputs must.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+DIGITS = 6  # metrics are rounded so the JSON does not carry float noise
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    labels: list[str]
+    confusion: np.ndarray  # confusion[true, predicted] = count
+    accuracy: float
+    macro_f1: float
+    per_class: dict[str, dict[str, float]]
+    baseline_accuracy: float
+    baseline_macro_f1: float
+
+    def metrics(self) -> dict:
+        """The DVC metrics view: plain, rounded numbers."""
+        return {
+            "accuracy": round(self.accuracy, DIGITS),
+            "macro_f1": round(self.macro_f1, DIGITS),
+            "baseline": {"accuracy": round(self.baseline_accuracy, DIGITS),
+                         "macro_f1": round(self.baseline_macro_f1, DIGITS)},
+            "per_class": {label: {k: round(v, DIGITS) if isinstance(v, float) else v for k, v in scores.items()}
+                          for label, scores in self.per_class.items()},
+        }
+
+
+def class_probabilities(outputs: np.ndarray) -> np.ndarray:
+    """(N, K) softmax outputs as they are; (N,) or (N, 1) sigmoid outputs become (N, 2)."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if outputs.ndim == 2 and outputs.shape[1] > 1:
+        return outputs
+    positive = outputs.reshape(-1)
+    return np.stack([1.0 - positive, positive], axis=1)
+
+
+def weighted_random_baseline(support: np.ndarray) -> tuple[float, float]:
+    """Expected accuracy and macro-F1 of guessing class c with probability p_c (its share).
+
+    For class c both precision and recall are then p_c in expectation, so its F1 is p_c too:
+    accuracy = sum p_c^2, macro-F1 = mean p_c over the classes present.
+    """
+    present = support[support > 0]
+    shares = present / present.sum()
+    return float(np.sum(shares**2)), float(np.mean(shares))
+
+
+def evaluate(y_true: np.ndarray, outputs: np.ndarray, labels: list[str]) -> Evaluation:
+    probabilities = class_probabilities(outputs)
+    y_true = np.asarray(y_true).reshape(-1).astype(int)
+    y_pred = probabilities.argmax(axis=1)
+    indices = list(range(len(labels)))
+    confusion = confusion_matrix(y_true, y_pred, labels=indices)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=indices, zero_division=0)
+    present = support > 0  # macro-F1 over the classes the split holds
+    baseline_accuracy, baseline_f1 = weighted_random_baseline(support)
+    per_class = {
+        label: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                "support": int(support[i])}
+        for i, label in enumerate(labels)
+    }
+    return Evaluation(labels, confusion, float(np.mean(y_true == y_pred)), float(np.mean(f1[present])),
+                      per_class, baseline_accuracy, baseline_f1)
+
+
+def confusion_rows(y_true: np.ndarray, outputs: np.ndarray, labels: list[str]) -> list[dict[str, str]]:
+    """One {actual, predicted} row per image: the input of DVC's confusion-matrix plot template."""
+    predicted = class_probabilities(outputs).argmax(axis=1)
+    return [{"actual": labels[int(t)], "predicted": labels[int(p)]}
+            for t, p in zip(np.asarray(y_true).reshape(-1), predicted, strict=True)]
+
+
+def worst_mistakes(y_true: np.ndarray, outputs: np.ndarray, count: int = 16) -> list[int]:
+    """Indices of the wrong predictions made with the highest confidence, most confident first."""
+    probabilities = class_probabilities(outputs)
+    y_true = np.asarray(y_true).reshape(-1).astype(int)
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != y_true)
+    confidence = probabilities[wrong, predicted[wrong]]
+    order = np.lexsort((wrong, -confidence))  # ties broken by index: stable across runs
+    return [int(i) for i in wrong[order][:count]]
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, metadata={"Software": None})  # no version or date in the file
+
+
+def plot_confusion(evaluation: Evaluation, path: Path, title: str = "Confusion matrix (validation)") -> None:
+    plt = _figure()
+    size = max(6.0, 0.5 * len(evaluation.labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(evaluation.confusion, cmap="Blues")
+    ax.set_xticks(range(len(evaluation.labels)), evaluation.labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(evaluation.labels)), evaluation.labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    peak = evaluation.confusion.max() or 1
+    for (row, col), value in np.ndenumerate(evaluation.confusion):
+        ax.text(col, row, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+    ax.set_title(f"{title}\naccuracy {evaluation.accuracy:.3f}, macro-F1 {evaluation.macro_f1:.3f} "
+                 f"(weighted random {evaluation.baseline_macro_f1:.3f})", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_mistakes(images: np.ndarray, y_true: np.ndarray, outputs: np.ndarray, labels: list[str], path: Path,
+                  count: int = 16) -> None:
+    """A grid of the most confidently wrong images, each titled 'actual -> predicted (p)'."""
+    plt = _figure()
+    chosen = worst_mistakes(y_true, outputs, count)
+    columns = 4
+    rows = max(1, -(-len(chosen) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 2.2, rows * 2.4), squeeze=False)
+    probabilities = class_probabilities(outputs)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, index in zip(axes.flat, chosen, strict=False):
+        predicted = int(probabilities[index].argmax())
+        ax.imshow(np.clip(images[index], 0, 255).astype(np.uint8))
+        ax.set_title(f"{labels[int(y_true[index])]} -> {labels[predicted]} ({probabilities[index, predicted]:.2f})",
+                     fontsize=8)
+    if not chosen:
+        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    fig.suptitle("Most confident mistakes (validation)")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)

@@ -1,0 +1,103 @@
+"""Experiment tracking in Neptune, offline by default; tracking trouble never stops training.
+
+The hosted neptune.ai app shut down in March 2026, so runs are recorded in Neptune's offline
+mode (``.neptune/offline/`` under the working directory) unless ``NEPTUNE_MODE`` says otherwise
+(async, sync, offline, debug); ``NEPTUNE_PROJECT`` and ``NEPTUNE_API_TOKEN`` are passed on when
+set, for a self-hosted Neptune server. ``python -m stages.compare`` reads the offline runs back.
+
+Layout of a run, which ``stages.compare`` relies on:
+``parameters/...`` the training parameters, ``data/version`` the dataset hash, ``train/<name>``
+per-epoch series, ``metrics/<name>`` final numbers, ``pictures/<name>`` images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROJECT = "local/image-pipeline"
+MODES = {"async", "sync", "offline", "debug", "read-only"}
+
+
+def neptune_mode() -> str:
+    return os.environ.get("NEPTUNE_MODE", "offline")
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to 'a/b' keys; values Neptune cannot store (None, lists) become strings."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{path}/"))
+        elif isinstance(value, bool | int | float | str):
+            flat[path] = value
+        else:
+            flat[path] = str(value)
+    return flat
+
+
+class Tracker:
+    """One Neptune run. Every call is guarded: the first failure is logged once as a warning,
+    tracking switches off, and the caller carries on."""
+
+    def __init__(self, name: str, tags: list[str] | None = None, description: str = "") -> None:
+        self.run = None
+        self._warned = False
+        mode = neptune_mode()
+        try:
+            if mode not in MODES:
+                raise ValueError(f"NEPTUNE_MODE={mode!r} is not one of {sorted(MODES)}")
+            import neptune
+
+            self.run = neptune.init_run(
+                project=os.environ.get("NEPTUNE_PROJECT", DEFAULT_PROJECT),
+                api_token=os.environ.get("NEPTUNE_API_TOKEN"),
+                mode=mode, name=name, description=description, tags=tags or [],
+                capture_hardware_metrics=False, capture_stdout=False, capture_stderr=False,
+                capture_traceback=False, source_files=[],
+            )
+        except Exception as exc:  # a tracker that cannot start must not stop training
+            self._fail(exc)
+
+    @property
+    def active(self) -> bool:
+        return self.run is not None
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._warned:
+            log.warning("tracking: Neptune is off for this run (%s: %s); training goes on", type(exc).__name__, exc)
+            self._warned = True
+        self.run = None
+
+    def _guard(self, action):  # type: ignore[no-untyped-def]
+        if self.run is None:
+            return None
+        try:
+            return action(self.run)
+        except Exception as exc:
+            self._fail(exc)
+            return None
+
+    def set(self, path: str, value: Any) -> None:
+        """Assign one value, or a (nested) dict of them under ``path``."""
+        if isinstance(value, dict):
+            for key, item in flatten(value).items():
+                self.set(f"{path}/{key}", item)
+            return
+        self._guard(lambda run: run[path].assign(value))
+
+    def log(self, path: str, value: float, step: float | None = None) -> None:
+        """Append to a series (one point per epoch or per trial)."""
+        self._guard(lambda run: run[path].append(float(value), step=step))
+
+    def upload(self, path: str, file: Path) -> None:
+        self._guard(lambda run: run[path].upload(str(file)))
+
+    def stop(self) -> None:
+        self._guard(lambda run: run.stop())
+        self.run = None

@@ -15,6 +15,8 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
@@ -48,6 +50,25 @@ def count_records(files: list[str]) -> int:
         except (tf.errors.DataLossError, tf.errors.OutOfRangeError, tf.errors.InvalidArgumentError) as exc:
             raise DatasetError(f"{path}: corrupt or truncated TFRecord ({exc.message.splitlines()[0]})") from None
     return total
+
+
+def label_counts(folder: Path | str, split: str, classes: int) -> list[int]:
+    """Images per class index in a split, from the labels alone (no image decoding)."""
+    labels = tf.data.TFRecordDataset(shard_files(folder, split)).map(
+        lambda record: tf.io.parse_single_example(record, {"image/class/label": FEATURES["image/class/label"]})
+        ["image/class/label"], num_parallel_calls=AUTOTUNE)
+    counts = [0] * classes
+    for batch in labels.batch(4096):
+        for label, count in zip(*np.unique(batch.numpy(), return_counts=True), strict=True):
+            counts[int(label)] += int(count)
+    return counts
+
+
+def record_image_size(folder: Path | str) -> int:
+    """The side of the packed images, read from the first training record."""
+    first = next(iter(tf.data.TFRecordDataset(shard_files(folder, "train")[:1]).take(1)))
+    size = tf.io.parse_single_example(first, {"image/height": tf.io.FixedLenFeature([], tf.int64)})["image/height"]
+    return int(size)
 
 
 def parse(serialized: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -108,8 +129,7 @@ def make_dataset(folder: Path | str, split: str, batch_size: int, image_size: in
     here with its name (``DatasetError``) rather than in the middle of an epoch."""
     training = split == "train" if training is None else training
     files = shard_files(folder, split)
-    if verify:
-        count_records(files)
+    total = count_records(files) if verify else None
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if training and not cache:
         dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
@@ -129,4 +149,6 @@ def make_dataset(folder: Path | str, split: str, batch_size: int, image_size: in
             lambda example, pair: augmenter(augment)(*example, pair), num_parallel_calls=AUTOTUNE,
             deterministic=True)
     dataset = dataset.batch(batch_size, num_parallel_calls=AUTOTUNE, deterministic=True)
+    if total is not None:  # a known length lets Keras plan epochs (and progress bars) exactly
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(-(-total // batch_size)))
     return dataset.map(to_float, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)

@@ -129,9 +129,11 @@ def plot_confusion(evaluation: Evaluation, path: Path, title: str = "Confusion m
     plt.close(fig)
 
 
-def plot_mistakes(images: np.ndarray, y_true: np.ndarray, outputs: np.ndarray, labels: list[str], path: Path,
+def plot_mistakes(images, y_true: np.ndarray, outputs: np.ndarray, labels: list[str], path: Path,  # type: ignore[no-untyped-def]
                   count: int = 16) -> None:
-    """A grid of the most confidently wrong images, each titled 'actual -> predicted (p)'."""
+    """A grid of the most confidently wrong images, each titled 'actual -> predicted (p)'.
+
+    ``images[i]`` is image ``i``: an array of them all, or a dict holding just the mistakes."""
     plt = _figure()
     chosen = worst_mistakes(y_true, outputs, count)
     columns = 4

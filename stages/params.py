@@ -73,10 +73,35 @@ class AugmentParams(Section):
     contrast: Annotated[float, Field(ge=0, lt=1)] = 0.1  # largest contrast change (factor 1 +- this); 0 = off
 
 
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class ResnetParams(Section):
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 32
+    optimizer: Literal["adam", "sgd"] = "adam"
+    learning_rate: PositiveFloat = 0.001
+    schedule: Literal["constant", "cosine"] = "cosine"  # cosine: decays to 0 over all epochs
+    label_smoothing: Fraction = 0.1
+    patience: NonNegativeInt = 5  # epochs without a better val loss before stopping; 0 = never stop early
+    class_weighting: bool = True  # weight the loss so that rare classes count as much as common ones
+    augment: bool = True  # apply the augment: section to the training images
+    dropout: Fraction = 0.0
+    seed: int = 42
+
+
+class TrainParams(Section):
+    head: Literal["auto", "softmax", "sigmoid"] = "auto"  # auto: sigmoid for exactly two classes
+    strategy: Literal["default", "mirrored", "multi_worker"] = "default"  # tf.distribute strategy
+    mixed_precision: bool = False  # float16 compute, for GPUs
+    resnet: ResnetParams = Field(default_factory=ResnetParams)
+
+
 class Params(Section):
     download: DownloadParams = Field(default_factory=DownloadParams)
     pack: PackParams = Field(default_factory=PackParams)
     augment: AugmentParams = Field(default_factory=AugmentParams)
+    train: TrainParams = Field(default_factory=TrainParams)
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -113,14 +138,19 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ParamsError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
 
 
-def load(path: Path = DEFAULT_PATH, overrides: dict[str, dict[str, Any]] | None = None) -> Params:
-    """Read ``path``, apply ``{section: {key: value}}`` overrides, validate the whole file."""
-    raw = read_yaml(path)
-    for section, values in (overrides or {}).items():
-        merged = dict(raw.get(section) or {})
-        merged.update({k: v for k, v in values.items() if v is not None})
-        raw[section] = merged
-    return validate(raw, source=str(path))
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        elif value is not None:
+            merged[key] = value
+    return merged
+
+
+def load(path: Path = DEFAULT_PATH, overrides: dict[str, Any] | None = None) -> Params:
+    """Read ``path``, apply nested ``{section: {key: value}}`` overrides, validate the whole file."""
+    return validate(_merge(read_yaml(path), overrides or {}), source=str(path))
 
 
 # --- argparse: one flag per key of a section --------------------------------------------
@@ -141,14 +171,25 @@ def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     return annotation, {}
 
 
+def _section_model(section: str) -> type[Section]:
+    model: type[Section] = Params
+    for part in section.split("."):
+        model = model.model_fields[part].annotation  # type: ignore[assignment]
+    return model
+
+
 def add_section_flags(parser: argparse.ArgumentParser, section: str) -> None:
-    """Add ``--key`` for every key of ``section`` (default None: params.yaml decides)."""
-    model = Params.model_fields[section].annotation
+    """Add ``--key`` for every plain key of ``section`` (dotted for nested ones, e.g. ``train.resnet``);
+    the default None leaves the value to params.yaml."""
+    if not any("--params" in action.option_strings for action in parser._actions):
+        parser.add_argument("--params", type=Path, default=DEFAULT_PATH, help="parameters file (default: %(default)s)")
+    model = _section_model(section)
     group = parser.add_argument_group(f"overrides for params.yaml '{section}:'")
-    group.add_argument("--params", type=Path, default=DEFAULT_PATH, help="parameters file (default: %(default)s)")
     for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+            continue  # a nested section has flags of its own
         kind, extra = _flag_type(field.annotation)
-        kwargs: dict[str, Any] = {"dest": f"{section}__{name}", "default": None, **extra}
+        kwargs: dict[str, Any] = {"dest": f"{section.replace('.', '__')}__{name}", "default": None, **extra}
         if kind is not None:
             kwargs["type"] = kind
             kwargs["metavar"] = name.upper()
@@ -156,8 +197,15 @@ def add_section_flags(parser: argparse.ArgumentParser, section: str) -> None:
         group.add_argument(f"--{name.replace('_', '-')}", **kwargs)
 
 
-def load_for(args: argparse.Namespace, section: str) -> Params:
+def load_for(args: argparse.Namespace, section: str | None = None) -> Params:
     """Load params with the flags added by :func:`add_section_flags` applied on top."""
-    prefix = f"{section}__"
-    values = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
-    return load(args.params, {section: values})
+    overrides: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if "__" not in dest or value is None:
+            continue
+        *path, key = dest.split("__")
+        node = overrides
+        for part in path:
+            node = node.setdefault(part, {})
+        node[key] = value
+    return load(args.params, overrides)

@@ -19,7 +19,11 @@ HEADS = ("auto", "softmax", "sigmoid")
 
 
 def seed_everything(seed: int) -> None:
-    """Same seed, same inputs, same machine: bit-identical weights (op determinism on)."""
+    """Same seed, same inputs, same machine: bit-identical weights (op determinism on).
+
+    Also clears Keras' session, whose layer-name counters would otherwise give a second model
+    built in the same process other names, and so another saved file."""
+    keras.backend.clear_session()
     os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -53,7 +57,8 @@ def build_resnet(image_size: int, classes: int, head: str = "auto", dropout: flo
     if dropout > 0:
         pooled = keras.layers.Dropout(dropout, name="dropout")(pooled)
     units, activation = (1, "sigmoid") if head == "sigmoid" else (classes, "softmax")
-    outputs = keras.layers.Dense(units, activation=activation, name="predictions")(pooled)
+    # float32 even under mixed precision: probabilities stay exact enough to compare and export.
+    outputs = keras.layers.Dense(units, activation=activation, name="predictions", dtype="float32")(pooled)
     return keras.Model(inputs, outputs, name="resnet50v2_classifier")
 
 

@@ -28,3 +28,11 @@ def test_saving_twice_gives_identical_bytes_that_load(tmp_path):
     x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
     assert np.array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first.keras", "second.keras"]  # no scratch left
+
+
+def test_shared_object_ids_are_renumbered_by_first_appearance():
+    from stages.modelio import renumber_shared_objects
+
+    config = {"a": {"shared_object_id": 140001}, "b": [{"shared_object_id": 139999}, {"shared_object_id": 140001}]}
+    assert renumber_shared_objects(config) == {"a": {"shared_object_id": 0},
+                                               "b": [{"shared_object_id": 1}, {"shared_object_id": 0}]}

@@ -1,0 +1,92 @@
+"""The ResNet50V2 training stage on a tiny configuration: outputs, tracking, bit-identical reruns."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from stages import compare, pack, train_resnet
+from stages.dataset import make_dataset
+from tests.test_pack import make_images
+
+PARAMS = """\
+pack:
+  image_size: 32
+  processes: 1
+train:
+  resnet:
+    epochs: 2
+    batch_size: 8
+    patience: 0
+"""
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> dict[int, Path]:
+    """Packed tiny data sets with three classes and with two (the sigmoid head)."""
+    root = tmp_path_factory.mktemp("records")
+    (root / "params.yaml").write_text(PARAMS)
+    made = {}
+    for classes in (3, 2):
+        images = root / f"images{classes}"
+        make_images(images, {name: 10 for name in ["cat", "dog", "owl"][:classes]})
+        pack.main(["--params", str(root / "params.yaml"), "--images", str(images), "--out", str(root / f"tf{classes}"),
+                   "--report", str(root / f"pack{classes}.json")])
+        made[classes] = root / f"tf{classes}"
+    return made
+
+
+def train(workdir: Path, records: Path, name: str) -> Path:
+    (workdir / "params.yaml").write_text(PARAMS)
+    train_resnet.main(["--params", str(workdir / "params.yaml"), "--records", str(records),
+                       "--out", str(workdir / name / "model"), "--reports", str(workdir / name / "reports")])
+    return workdir / name
+
+
+def test_outputs_metrics_plots_pictures_and_neptune_run(tmp_path, monkeypatch, records):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NEPTUNE_MODE", raising=False)
+    out = train(tmp_path, records[3], "run")
+    metrics = json.loads((out / "reports" / "metrics.json").read_text())
+    assert metrics["head"] == "softmax" and metrics["image_size"] == 32
+    assert 0 <= metrics["accuracy"] <= 1 and set(metrics["per_class"]) == {"cat", "dog", "owl"}
+    assert metrics["epochs_run"] == 2 and metrics["best_epoch"] in (1, 2)
+    history = list(csv.DictReader((out / "reports" / "history.csv").open()))
+    assert [row["epoch"] for row in history] == ["1", "2"]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history[0])
+    best = min(history, key=lambda row: float(row["val_loss"]))
+    assert int(best["epoch"]) == metrics["best_epoch"]  # the best epoch by validation loss is kept
+
+    confusion = list(csv.DictReader((out / "reports" / "confusion.csv").open()))
+    val = sum(v["val"] for v in json.loads((records[3].parent / "pack3.json").read_text())["per_class"].values())
+    assert len(confusion) == val and set(confusion[0]) == {"actual", "predicted"}
+    for picture in ("curves", "confusion", "mistakes"):
+        assert (out / "reports" / f"{picture}.png").read_bytes().startswith(b"\x89PNG")
+
+    # The saved model is the evaluated one: its predictions reproduce the reported accuracy.
+    model = keras.models.load_model(out / "model" / "model.keras")
+    val_data = make_dataset(records[3], "val", 8, 32, training=False)
+    predicted = model.predict(val_data, verbose=0).argmax(axis=1)
+    truth = np.concatenate([y.numpy() for _, y in val_data])
+    assert np.mean(predicted == truth) == pytest.approx(metrics["accuracy"], abs=1e-6)
+
+    runs = compare.find_runs(tmp_path / ".neptune")
+    assert len(runs) == 1 and runs[0].name == "resnet50v2"
+    assert runs[0].values["metrics/macro_f1"] == pytest.approx(metrics["macro_f1"])
+    assert [step for step, _ in runs[0].series["train/val_loss"]] == [1, 2]
+    assert len(runs[0].values["data/version"]) == 64
+
+
+def test_two_classes_train_a_sigmoid_head_bit_identically(tmp_path, monkeypatch, records):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NEPTUNE_MODE", "debug")  # nothing written; tracking still exercised
+    first, second = train(tmp_path, records[2], "first"), train(tmp_path, records[2], "second")
+    assert json.loads((first / "reports" / "metrics.json").read_text())["head"] == "sigmoid"
+    assert (first / "model" / "model.keras").read_bytes() == (second / "model" / "model.keras").read_bytes()
+    for name in ("metrics.json", "history.csv", "confusion.csv"):
+        assert (first / "reports" / name).read_bytes() == (second / "reports" / name).read_bytes()

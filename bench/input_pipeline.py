@@ -20,12 +20,12 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.download import ROOT, timed
+
 WORK = ROOT / "bench" / "work" / "input_pipeline"
 RESULTS = ROOT / "bench" / "results" / "input_pipeline.json"
 SIZE = 224
@@ -33,11 +33,8 @@ BATCH = 32
 
 
 def run(command: list[str], **kwargs) -> float:
-    started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, **kwargs)
-    if result.returncode != 0:
-        raise SystemExit(f"bench: {' '.join(command[:4])} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    return time.perf_counter() - started
+    """Wall seconds of a command run from the repository root."""
+    return timed(command, cwd=ROOT, **kwargs)[0]
 
 
 def make_photos(root: Path, count: int = 2000, classes: int = 4, seed: int = 0) -> None:

@@ -114,15 +114,16 @@ def final_metrics(record: RunRecord) -> dict[str, float]:
 
 
 def table(runs: list[RunRecord], sort: str | None, params: list[str]) -> str:
+    finals = {r.run_id: final_metrics(r) for r in runs}
     if sort:
-        runs = sorted(runs, key=lambda r: (final_metrics(r).get(sort) is None, -final_metrics(r).get(sort, 0.0)))
-    metric_keys = sorted({key for r in runs for key in final_metrics(r)})
+        runs = sorted(runs, key=lambda r: (finals[r.run_id].get(sort) is None, -finals[r.run_id].get(sort, 0.0)))
+    metric_keys = sorted({key for metrics in finals.values() for key in metrics})
     param_keys = params or sorted({key for r in runs for key in r.values if key.startswith("parameters/")
                                    and len({str(o.values.get(key)) for o in runs}) > 1})
     header = ["run", "id", "created", "tags", *param_keys, *metric_keys]
     rows = [[r.name, r.run_id[:8], r.created[:19], ",".join(r.tags),
              *(str(r.values.get(k, "")) for k in param_keys),
-             *(f"{final_metrics(r)[k]:.4f}" if k in final_metrics(r) else "" for k in metric_keys)] for r in runs]
+             *(f"{finals[r.run_id][k]:.4f}" if k in finals[r.run_id] else "" for k in metric_keys)] for r in runs]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
              for row in [header, *rows]]

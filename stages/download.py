@@ -10,9 +10,7 @@ and the bytes fetched, never on timing or completion order, so DVC's hash of the
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
-import io
 import json
 import os
 import re
@@ -32,7 +30,15 @@ from stages.fetch import Fetcher, FetchLimits, read_local
 from stages.params import DownloadParams
 from stages.pool import WorkerProcessError, run_sharded
 from stages.sources import Row, read_sources
-from stages.store import Folders, UrlCache, remove_stale_temporaries, sha256, write_atomic, write_text_atomic
+from stages.store import (
+    Folders,
+    UrlCache,
+    remove_stale_temporaries,
+    sha256,
+    write_atomic,
+    write_csv_atomic,
+    write_text_atomic,
+)
 from stages.validate import EXTENSIONS, inspect
 
 NAME = "download"
@@ -114,7 +120,7 @@ class Processor:
             return Outcome(row, drop=drop, fetched=fetched)
         digest = sha256(data)
         written = self.writer.write(row.label, digest, info.extension, data)
-        if row.remote and fetched:
+        if fetched:
             self.cache.put(row.remote, written, digest)
         return Outcome(row, digest, info.extension, len(data), fetched=fetched)
 
@@ -171,7 +177,7 @@ def prune_output_folder(out: Path, keep: set[Path]) -> None:
             entry.rmdir()
 
 
-def build_report(rows: list[Row], outcomes: list[Outcome]) -> tuple[dict, str]:
+def build_report(rows: list[Row], outcomes: list[Outcome]) -> tuple[dict, list[tuple[str, str, str, str]]]:
     kept = [o for o in outcomes if not o.drop]
     per_class = Counter(o.row.label for o in kept)
     for row in rows:  # a class whose every row was dropped still shows up, with 0
@@ -187,12 +193,8 @@ def build_report(rows: list[Row], outcomes: list[Outcome]) -> tuple[dict, str]:
         "kept_per_class": dict(sorted(per_class.items())),
         "dropped_by_reason": {reason: by_reason[reason] for reason in sorted(REASONS)},
     }
-    rejected = io.StringIO()
-    writer = csv.writer(rejected, lineterminator="\n")
-    writer.writerow(["url", "label", "reason", "detail"])
-    drops = sorted((o.row.url, o.row.label, o.drop.reason, o.drop.detail) for o in outcomes if o.drop)
-    writer.writerows(drops)
-    return report, rejected.getvalue()
+    rejected = sorted((o.row.url, o.row.label, o.drop.reason, o.drop.detail) for o in outcomes if o.drop)
+    return report, rejected
 
 
 def summary_line(report: dict, seconds: float, fetched: int) -> str:
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
 
     report, rejected = build_report(rows, outcomes)
     write_text_atomic(args.report, json.dumps(report, indent=2) + "\n")
-    write_text_atomic(args.report.with_name("rejected.csv"), rejected)
+    write_csv_atomic(args.report.with_name("rejected.csv"), ["url", "label", "reason", "detail"], rejected)
     seconds = time.monotonic() - started
     fetched = sum(o.fetched for o in outcomes)
     print(summary_line(report, seconds, fetched))

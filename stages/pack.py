@@ -15,7 +15,6 @@ and are stored as lossless PNG.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import hashlib
 import io
@@ -38,7 +37,7 @@ from stages import params as params_module
 from stages.cli import StageError, run
 from stages.imaging import preprocess
 from stages.params import PackParams
-from stages.store import write_text_atomic
+from stages.store import write_csv_atomic, write_text_atomic
 
 NAME = "pack"
 SPLITS = ("train", "val")
@@ -180,11 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         "shards": {name: len(shard_names(name, len(ordered[name]), p.shard_size)) for name in SPLITS},
     }
     write_text_atomic(args.report, json.dumps(report, indent=2) + "\n")
-    rows = io.StringIO()
-    writer = csv.writer(rows, lineterminator="\n")
-    writer.writerow(["path", "label", "reason"])
-    writer.writerows(sorted(skipped))
-    write_text_atomic(args.report.with_name("skipped.csv"), rows.getvalue())
+    write_csv_atomic(args.report.with_name("skipped.csv"), ["path", "label", "reason"], sorted(skipped))
 
     seconds = time.monotonic() - started
     total = report["images"]["train"] + report["images"]["val"]

@@ -7,11 +7,14 @@ temporary file inside a DVC output.
 
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
+import io
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -67,6 +70,15 @@ def remove_stale_temporaries(scratch: Path, older_than: float = 3600.0) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, text.encode("utf-8"))
+
+
+def write_csv_atomic(path: Path, header: list[str], rows: Iterable[Iterable[object]]) -> None:
+    """A CSV report (header, then rows as given; "\n" line ends on every platform), atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
 
 
 def sha256(data: bytes) -> str:

@@ -66,9 +66,13 @@ def label_counts(folder: Path | str, split: str, classes: int) -> list[int]:
 
 def record_image_size(folder: Path | str) -> int:
     """The side of the packed images, read from the first training record."""
-    first = next(iter(tf.data.TFRecordDataset(shard_files(folder, "train")[:1]).take(1)))
-    size = tf.io.parse_single_example(first, {"image/height": tf.io.FixedLenFeature([], tf.int64)})["image/height"]
-    return int(size)
+    path = shard_files(folder, "train")[0]
+    try:
+        first = next(iter(tf.data.TFRecordDataset(path).take(1)))
+        feature = {"image/height": tf.io.FixedLenFeature([], tf.int64)}
+        return int(tf.io.parse_single_example(first, feature)["image/height"])
+    except (StopIteration, tf.errors.OpError) as exc:
+        raise DatasetError(f"{path}: no readable first record ({type(exc).__name__})") from None
 
 
 def parse(serialized: tf.Tensor, image_size: int) -> tuple[tf.Tensor, tf.Tensor]:

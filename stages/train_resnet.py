@@ -12,7 +12,6 @@ the run in Neptune (offline unless NEPTUNE_MODE says otherwise).
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
 import json
@@ -24,10 +23,11 @@ import numpy as np
 
 from stages import params as params_module
 from stages.cli import StageError, run
-from stages.dataset import DatasetError, label_counts, make_dataset, record_image_size, shard_files
+from stages.dataset import DatasetError, label_counts, make_dataset, record_image_size
 from stages.evaluation import confusion_rows, evaluate, plot_confusion, plot_mistakes, worst_mistakes
 from stages.modelio import save_model
-from stages.store import write_text_atomic
+from stages.params import ParamsError
+from stages.store import write_csv_atomic, write_text_atomic
 from stages.tracking import Tracker
 from stages.training import build_resnet, class_weights, loss_for, resolve_head, seed_everything, targets_for
 
@@ -134,12 +134,9 @@ def plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["epoch"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
+def write_dict_csv(path: Path, rows: list[dict]) -> None:
+    header = list(rows[0]) if rows else ["epoch"]
+    write_csv_atomic(path, header, ([row.get(key, "") for key in header] for row in rows))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -166,15 +163,18 @@ def main(argv: list[str] | None = None) -> None:
     try:
         labels = json.loads((args.records / "labels.json").read_text())
         size = record_image_size(args.records)
+        # Both splits are checksummed here, before anything else reads them.
+        train_data = make_dataset(args.records, "train", p.batch_size, size, seed=p.seed,
+                                  augment=params.augment if p.augment else None)
+        val_data = make_dataset(args.records, "val", p.batch_size, size, training=False)
         counts = label_counts(args.records, "train", len(labels))
-        shard_files(args.records, "val")
     except (OSError, json.JSONDecodeError, DatasetError) as exc:
         raise StageError(f"--records {args.records}: {exc}") from None
-    head = resolve_head(train.head, len(labels))
-    augment = params.augment if p.augment else None
+    try:
+        head = resolve_head(train.head, len(labels))
+    except ValueError as exc:
+        raise ParamsError(f"{args.params}: {exc}") from None
     to_targets = targets_for(head, len(labels))
-    train_data = make_dataset(args.records, "train", p.batch_size, size, seed=p.seed, augment=augment).map(to_targets)
-    val_data = make_dataset(args.records, "val", p.batch_size, size, training=False).map(to_targets)
     steps = p.epochs * -(-sum(counts) // p.batch_size)
 
     tracker = Tracker(MODEL_NAME, tags=[MODEL_NAME, head, f"{size}px"])
@@ -192,13 +192,13 @@ def main(argv: list[str] | None = None) -> None:
     if p.patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=p.patience))
     weights = class_weights(counts) if p.class_weighting else None
-    model.fit(train_data, validation_data=val_data, epochs=p.epochs, class_weight=weights, callbacks=callbacks,
-              verbose=2)
+    model.fit(train_data.map(to_targets), validation_data=val_data.map(to_targets), epochs=p.epochs,
+              class_weight=weights, callbacks=callbacks, verbose=2)
 
     # Evaluation on the whole validation split, with the best epoch's weights.
-    plain_val = make_dataset(args.records, "val", p.batch_size, size, training=False, verify=False)
-    outputs = model.predict(plain_val, verbose=0)
-    y_true = np.concatenate([y.numpy() for _, y in plain_val])
+    batches = [(model.predict_on_batch(images), truth) for images, truth in val_data]  # one pass
+    outputs = np.concatenate([out for out, _ in batches])
+    y_true = np.concatenate([truth.numpy() for _, truth in batches])
     evaluation = evaluate(y_true, outputs, labels)
     metrics = {**evaluation.metrics(), "best_epoch": best.best_epoch, "epochs_run": len(history),
                "head": head, "image_size": size}
@@ -206,11 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     save_model(model, args.out / "model.keras")
     reports = args.reports
     write_text_atomic(reports / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    write_csv(reports / "history.csv", history)
-    write_csv(reports / "confusion.csv", confusion_rows(y_true, outputs, labels))
+    write_dict_csv(reports / "history.csv", history)
+    write_dict_csv(reports / "confusion.csv", confusion_rows(y_true, outputs, labels))
     plot_history(history, reports / "curves.png")
     plot_confusion(evaluation, reports / "confusion.png", f"{MODEL_NAME}: confusion matrix (validation)")
-    plot_mistakes(mistake_images(plain_val, y_true, outputs), y_true, outputs, labels, reports / "mistakes.png")
+    plot_mistakes(mistake_images(val_data, y_true, outputs), y_true, outputs, labels, reports / "mistakes.png")
 
     for key in ("accuracy", "macro_f1", "best_epoch"):
         tracker.set(f"metrics/{key}", metrics[key])

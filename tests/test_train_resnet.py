@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from stages import compare, pack, train_resnet
+from stages.cli import StageError
 from stages.dataset import make_dataset
 from tests.test_pack import make_images
 
@@ -90,3 +91,28 @@ def test_two_classes_train_a_sigmoid_head_bit_identically(tmp_path, monkeypatch,
     assert (first / "model" / "model.keras").read_bytes() == (second / "model" / "model.keras").read_bytes()
     for name in ("metrics.json", "history.csv", "confusion.csv"):
         assert (first / "reports" / name).read_bytes() == (second / "reports" / name).read_bytes()
+
+
+def test_bad_records_and_a_head_that_cannot_fit_are_clear_errors(tmp_path, records):
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text(PARAMS)
+    base = ["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "model")]
+    with pytest.raises(StageError, match="labels.json"):
+        train_resnet.main([*base, "--records", str(tmp_path / "nothing-here")])
+
+    broken = tmp_path / "broken"
+    shutil.copytree(records[3], broken)
+    shard = sorted(broken.glob("val-*.tfrecord"))[0]
+    shard.write_bytes(shard.read_bytes()[:-40])
+    with pytest.raises(StageError, match=f"{shard}: corrupt or truncated"):
+        train_resnet.main([*base, "--records", str(broken)])
+
+    result = subprocess.run([sys.executable, "-m", "stages.train_resnet", *base, "--records", str(records[3]),
+                             "--head", "sigmoid"], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "train_resnet: error: " in result.stderr and "exactly two classes, the data has 3" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -62,6 +62,7 @@ $(BENCH_STAMP):
 bench: $(STAMP) $(BENCH_STAMP)
 	$(RUN) python -m bench.download --img2dataset $(BENCH_VENV)/bin/img2dataset
 	$(RUN) python -m bench.input_pipeline --img2dataset $(BENCH_VENV)/bin/img2dataset
+	$(RUN) python -m bench.train
 
 clean:
 	rm -rf .cache logs .pytest_cache

@@ -61,7 +61,8 @@ def run_ours(manifest: Path, workers: int) -> dict:
     log = WORK / "ours.log"
     log.unlink(missing_ok=True)
     seconds, cpu = timed([
-        sys.executable, "-m", "stages.download", "--manifest", str(manifest), "--out", str(out / "images"),
+        sys.executable, "-m", "stages.download", "--params", str(ROOT / "params.yaml"),
+        "--manifest", str(manifest), "--out", str(out / "images"),
         "--report", str(out / "report" / "metrics.json"), "--refresh", "--cache-dir", str(WORK / "cache"),
         "--log", str(log), "--workers", str(workers), "--min-images-per-class", "0", "--min-side", "16",
     ], cwd=ROOT)

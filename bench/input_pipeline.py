@@ -69,7 +69,8 @@ def validated(name: str) -> Path:
         else:
             make_photos(raw)
     sources = [str(raw / "manifest.csv"), str(raw / "local")] if name == "digits" else [str(raw)]
-    run([sys.executable, "-m", "stages.download", "--manifest", *sources, "--out", str(images),
+    run([sys.executable, "-m", "stages.download", "--params", str(ROOT / "params.yaml"),
+         "--manifest", *sources, "--out", str(images),
          "--report", str(WORK / name / "download" / "metrics.json"), "--log", str(WORK / "download.log")])
     return images
 
@@ -78,7 +79,8 @@ def bench_pack(images: Path, img2dataset: str) -> dict:
     files = sorted(p for p in images.rglob("*") if p.is_file())
     out = images.parent / "ours"
     shutil.rmtree(out, ignore_errors=True)
-    ours = run([sys.executable, "-m", "stages.pack", "--images", str(images), "--out", str(out / "records"),
+    ours = run([sys.executable, "-m", "stages.pack", "--params", str(ROOT / "params.yaml"),
+                "--images", str(images), "--out", str(out / "records"),
                 "--report", str(out / "metrics.json"), "--image-size", str(SIZE)])
     urls = images.parent / "files.csv"
     urls.write_text("url\n" + "".join(f"{p.resolve().as_uri()}\n" for p in files))

@@ -156,3 +156,16 @@ def make_dataset(folder: Path | str, split: str, batch_size: int, image_size: in
     if total is not None:  # a known length lets Keras plan epochs (and progress bars) exactly
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(-(-total // batch_size)))
     return dataset.map(to_float, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+
+
+def load_arrays(folder: Path | str, split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split in memory, in ``make_dataset``'s evaluation order: (uint8 images, int64 labels).
+
+    For trainers that only take NumPy arrays (AutoKeras 3); uint8 keeps it at image_size^2 * 3
+    bytes per image. The images are the very pixels ``make_dataset`` yields, before augmentation."""
+    dataset = make_dataset(folder, split, 256, image_size, training=False)
+    images, labels = [], []
+    for batch, truth in dataset:
+        images.append(batch.numpy().astype(np.uint8))  # exact: the float32 values are whole numbers
+        labels.append(truth.numpy())
+    return np.concatenate(images), np.concatenate(labels)

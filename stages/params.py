@@ -16,6 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DEFAULT_PATH = Path("params.yaml")
+# Settings that belong to the data set in data/ (the demo digits train at 96 px); they win over
+# params.yaml, so params.yaml keeps the defaults for everyone's own data and is never rewritten.
+DATA_PATH = Path("data/params.yaml")
+DEFAULT_PATHS = (DEFAULT_PATH, DATA_PATH)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -90,11 +94,35 @@ class ResnetParams(Section):
     seed: int = 42
 
 
+# AutoKeras' ImageBlock architectures. EfficientNet is left out: AutoKeras pairs it with ImageNet
+# weights, and nothing may be downloaded at run time.
+BlockType = Literal["vanilla", "resnet", "xception"]
+
+
+class AutomlParams(Section):
+    max_trials: PositiveInt = 10
+    epochs: PositiveInt = 20  # per trial
+    batch_size: PositiveInt = 32
+    tuner: Literal["greedy", "bayesian", "hyperband", "random"] = "greedy"
+    block_types: list[BlockType] = Field(default_factory=lambda: ["vanilla", "resnet", "xception"], min_length=1)
+    # Search on images resized to this side by a Resizing layer at the model's front, so the saved
+    # model still takes pack.image_size images. 0: no resizing. A lever for searches on a CPU.
+    input_size: NonNegativeInt = 0
+    # AutoKeras hyperparameters pinned for every trial, by their full names as trials.csv lists
+    # them, e.g. {"image_block_1/augment": true}.
+    fixed: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    patience: NonNegativeInt = 5  # epochs without a better val loss before a trial stops; 0 = never stop early
+    class_weighting: bool = True
+    overwrite: bool = True  # false: resume the search kept in --workdir (then the result depends on that state)
+    seed: int = 42
+
+
 class TrainParams(Section):
     head: Literal["auto", "softmax", "sigmoid"] = "auto"  # auto: sigmoid for exactly two classes
     strategy: Literal["default", "mirrored", "multi_worker"] = "default"  # tf.distribute strategy
     mixed_precision: bool = False  # float16 compute, for GPUs
     resnet: ResnetParams = Field(default_factory=ResnetParams)
+    automl: AutomlParams = Field(default_factory=AutomlParams)
 
 
 class Params(Section):
@@ -129,7 +157,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ParamsError(f"{path}: file not found (run from the repository root or pass --params)") from None
+        hint = "an empty file means params.yaml alone" if path == DATA_PATH else "run from the repository root"
+        raise ParamsError(f"{path}: file not found ({hint}, or pass --params)") from None
     try:
         return yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
@@ -148,9 +177,17 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load(path: Path = DEFAULT_PATH, overrides: dict[str, Any] | None = None) -> Params:
-    """Read ``path``, apply nested ``{section: {key: value}}`` overrides, validate the whole file."""
-    return validate(_merge(read_yaml(path), overrides or {}), source=str(path))
+def load(paths: Path | list[Path] | tuple[Path, ...] = DEFAULT_PATH, overrides: dict[str, Any] | None = None) -> Params:
+    """Read ``paths`` (later files win), apply nested ``{section: {key: value}}`` overrides, validate.
+
+    Each file is validated on its own first, so an error names the file that holds the bad key."""
+    paths = [paths] if isinstance(paths, Path) else list(paths)
+    merged: dict[str, Any] = {}
+    for path in paths:
+        raw = read_yaml(path)
+        validate(raw, source=str(path))
+        merged = _merge(merged, raw)
+    return validate(_merge(merged, overrides or {}), source=" + ".join(map(str, paths)))
 
 
 # --- argparse: one flag per key of a section --------------------------------------------
@@ -182,7 +219,8 @@ def add_section_flags(parser: argparse.ArgumentParser, section: str) -> None:
     """Add ``--key`` for every plain key of ``section`` (dotted for nested ones, e.g. ``train.resnet``);
     the default None leaves the value to params.yaml."""
     if not any("--params" in action.option_strings for action in parser._actions):
-        parser.add_argument("--params", type=Path, default=DEFAULT_PATH, help="parameters file (default: %(default)s)")
+        parser.add_argument("--params", type=Path, nargs="+", default=list(DEFAULT_PATHS), metavar="YAML",
+                            help="parameter files, later ones win (default: params.yaml data/params.yaml)")
     model = _section_model(section)
     group = parser.add_argument_group(f"overrides for params.yaml '{section}:'")
     for name, field in model.model_fields.items():
@@ -208,4 +246,7 @@ def load_for(args: argparse.Namespace, section: str | None = None) -> Params:
         for part in path:
             node = node.setdefault(part, {})
         node[key] = value
-    return load(args.params, overrides)
+    paths = list(args.params)
+    if paths == list(DEFAULT_PATHS) and not DATA_PATH.exists():
+        paths.remove(DATA_PATH)  # by default the data set's settings are optional (DVC still wants the file)
+    return load(paths, overrides)

@@ -12,8 +12,6 @@ the run in Neptune (offline unless NEPTUNE_MODE says otherwise).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import sys
 import time
@@ -24,34 +22,21 @@ import numpy as np
 from stages import params as params_module
 from stages.cli import StageError, run
 from stages.dataset import DatasetError, label_counts, make_dataset, record_image_size
-from stages.evaluation import confusion_rows, evaluate, plot_confusion, plot_mistakes, worst_mistakes
-from stages.modelio import save_model
 from stages.params import ParamsError
-from stages.store import write_csv_atomic, write_text_atomic
+from stages.reports import history_row, publish, start_run
 from stages.tracking import Tracker
-from stages.training import build_resnet, class_weights, loss_for, resolve_head, seed_everything, targets_for
+from stages.training import (
+    build_resnet,
+    class_weights,
+    loss_for,
+    resolve_head,
+    seed_everything,
+    strategy_for,
+    targets_for,
+)
 
 NAME = "train_resnet"
 MODEL_NAME = "resnet50v2"
-
-
-def dataset_version(folder: Path) -> str:
-    """sha256 over the shards' names and bytes: which data a run saw, for the tracker."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.tfrecord")) + [folder / "labels.json"]:
-        digest.update(path.name.encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
-def strategy_for(name: str):  # type: ignore[no-untyped-def]
-    import tensorflow as tf
-
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.get_strategy()
 
 
 def optimizer_for(p, steps: int):  # type: ignore[no-untyped-def]
@@ -71,8 +56,7 @@ def epoch_logger(tracker: Tracker, history: list[dict]):  # type: ignore[no-unty
 
     class EpochLogger(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            row = {"epoch": epoch + 1, **{k: round(float(v), 6) for k, v in sorted((logs or {}).items())
-                                          if k in ("loss", "accuracy", "val_loss", "val_accuracy")}}
+            row = history_row(epoch + 1, logs or {})
             history.append(row)
             for key, value in row.items():
                 if key != "epoch":
@@ -102,41 +86,18 @@ def best_weights():  # type: ignore[no-untyped-def]
     return BestWeights()
 
 
-def mistake_images(dataset, y_true: np.ndarray, outputs: np.ndarray) -> dict[int, np.ndarray]:  # type: ignore[no-untyped-def]
+def images_at(dataset):  # type: ignore[no-untyped-def]
     """Only the images the mistakes picture shows, found by index in a second pass (not all in memory)."""
-    wanted, found, offset = set(worst_mistakes(y_true, outputs)), {}, 0
+    return lambda indices: _images_at(dataset, set(indices))
+
+
+def _images_at(dataset, wanted: set[int]) -> dict[int, np.ndarray]:  # type: ignore[no-untyped-def]
+    found, offset = {}, 0
     for images, _ in dataset:
         for i in wanted & set(range(offset, offset + len(images))):
             found[i] = images[i - offset].numpy()
         offset += len(images)
     return found
-
-
-def plot_history(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = [row["epoch"] for row in history]
-    for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
-        for prefix, label in (("", "train"), ("val_", "validation")):
-            values = [row.get(prefix + metric) for row in history]
-            if all(v is not None for v in values):
-                ax.plot(epochs, values, marker="o", label=label)
-        ax.set_xlabel("epoch")
-        ax.set_title(metric)
-        ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-
-
-def write_dict_csv(path: Path, rows: list[dict]) -> None:
-    header = list(rows[0]) if rows else ["epoch"]
-    write_csv_atomic(path, header, ([row.get(key, "") for key in header] for row in rows))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -155,11 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     params = params_module.load_for(args)
     train, p = params.train, params.train.resnet
     started = time.monotonic()
-    seed_everything(p.seed)
+    seed_everything(p.seed)  # op determinism before any TensorFlow work
     import keras
 
-    if train.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         labels = json.loads((args.records / "labels.json").read_text())
         size = record_image_size(args.records)
@@ -173,17 +132,23 @@ def main(argv: list[str] | None = None) -> None:
     try:
         head = resolve_head(train.head, len(labels))
     except ValueError as exc:
-        raise ParamsError(f"{args.params}: {exc}") from None
+        raise ParamsError(f"{' + '.join(map(str, args.params))}: {exc}") from None
     to_targets = targets_for(head, len(labels))
     steps = p.epochs * -(-sum(counts) // p.batch_size)
 
-    tracker = Tracker(MODEL_NAME, tags=[MODEL_NAME, head, f"{size}px"])
-    tracker.set("parameters", {"train": train.model_dump(), "augment": params.augment.model_dump(),
-                               "image_size": size})
-    tracker.set("data/version", dataset_version(args.records))
-    tracker.set("data/train_images", sum(counts))
+    parameters = {"train": train.model_dump(exclude={"automl"}), "augment": params.augment.model_dump(),
+                  "image_size": size}
+    tracker = start_run(MODEL_NAME, [MODEL_NAME, head, f"{size}px"], parameters, args.records, sum(counts))
 
-    with strategy_for(train.strategy).scope():
+    # Seeded again once the tracker has started: Neptune draws from Python's generator, which
+    # Keras uses to seed its own, so a run with tracking off would otherwise get other weights.
+    seed_everything(p.seed)
+    if train.mixed_precision:  # after seed_everything, whose clear_session resets the policy
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    strategy = strategy_for(train.strategy)
+    if train.strategy != "default":
+        print(f"{NAME}: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)")
+    with strategy.scope():
         model = build_resnet(size, len(labels), head, p.dropout)
         model.compile(optimizer=optimizer_for(p, steps), loss=loss_for(head, p.label_smoothing), metrics=["accuracy"])
     history: list[dict] = []
@@ -196,30 +161,12 @@ def main(argv: list[str] | None = None) -> None:
               class_weight=weights, callbacks=callbacks, verbose=2)
 
     # Evaluation on the whole validation split, with the best epoch's weights.
-    batches = [(model.predict_on_batch(images), truth) for images, truth in val_data]  # one pass
-    outputs = np.concatenate([out for out, _ in batches])
-    y_true = np.concatenate([truth.numpy() for _, truth in batches])
-    evaluation = evaluate(y_true, outputs, labels)
-    metrics = {**evaluation.metrics(), "best_epoch": best.best_epoch, "epochs_run": len(history),
-               "head": head, "image_size": size}
-
-    save_model(model, args.out / "model.keras")
-    reports = args.reports
-    write_text_atomic(reports / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    write_dict_csv(reports / "history.csv", history)
-    write_dict_csv(reports / "confusion.csv", confusion_rows(y_true, outputs, labels))
-    plot_history(history, reports / "curves.png")
-    plot_confusion(evaluation, reports / "confusion.png", f"{MODEL_NAME}: confusion matrix (validation)")
-    plot_mistakes(mistake_images(val_data, y_true, outputs), y_true, outputs, labels, reports / "mistakes.png")
-
-    for key in ("accuracy", "macro_f1", "best_epoch"):
-        tracker.set(f"metrics/{key}", metrics[key])
-    tracker.set("metrics/baseline_macro_f1", metrics["baseline"]["macro_f1"])
-    for picture in ("curves", "confusion", "mistakes"):
-        tracker.upload(f"pictures/{picture}", reports / f"{picture}.png")
-    summary = io.StringIO()
-    model.summary(print_fn=lambda line, **_: summary.write(line + "\n"))
-    tracker.set("model/summary", summary.getvalue())
+    # model.predict, not predict_on_batch: under tf.distribute it splits and regathers batches in order.
+    outputs = model.predict(val_data.map(lambda images, _: images), verbose=0)
+    y_true = np.concatenate([truth.numpy() for _, truth in val_data])
+    extra = {"best_epoch": best.best_epoch, "epochs_run": len(history), "head": head, "image_size": size}
+    evaluation, _ = publish(model, MODEL_NAME, args.out, args.reports, labels, y_true, outputs, history, extra,
+                            images_at(val_data), tracker)
     tracker.stop()
     seconds = time.monotonic() - started
     print(f"{NAME}: val accuracy {evaluation.accuracy:.3f}, macro-F1 {evaluation.macro_f1:.3f} "

@@ -24,11 +24,22 @@ def seed_everything(seed: int) -> None:
     Also clears Keras' session, whose layer-name counters would otherwise give a second model
     built in the same process other names, and so another saved file."""
     keras.backend.clear_session()
-    os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)
     np.random.seed(seed)
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+
+
+def strategy_for(name: str) -> tf.distribute.Strategy:
+    """default: the current device; mirrored: every local GPU in sync (or, with no GPU, every
+    logical CPU device, which is how it is tested); multi_worker: the machines in TF_CONFIG."""
+    if name == "mirrored":
+        if tf.config.list_logical_devices("GPU"):
+            return tf.distribute.MirroredStrategy()
+        return tf.distribute.MirroredStrategy([device.name for device in tf.config.list_logical_devices("CPU")])
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
 
 
 def resolve_head(head: str, classes: int) -> str:

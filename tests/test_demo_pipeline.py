@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tools import demo_data
 
@@ -28,7 +29,7 @@ def test_demo_data_regenerates_byte_identical(tmp_path):
     assert one == tree(tmp_path / "two")
     assert len([name for name in one if name.startswith(("images/", "local/"))]) == 1797
     formats = {name.rsplit(".", 1)[-1] for name in one}
-    assert formats == {"png", "jpg", "csv"}
+    assert formats == {"png", "jpg", "csv", "yaml"}
 
 
 def test_demo_data_refuses_to_overwrite_without_force(tmp_path):
@@ -37,10 +38,8 @@ def test_demo_data_refuses_to_overwrite_without_force(tmp_path):
         demo_data.main(["--out", str(tmp_path / "data")])
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A git + DVC repository holding this project's pipeline files and freshly generated demo data."""
-    repo = tmp_path_factory.mktemp("repo")
+def copy_pipeline(repo: Path) -> Path:
+    """A git repository holding this project's pipeline files (no data, no outputs)."""
     for name in PIPELINE_FILES:
         source, target = ROOT / name, repo / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +48,13 @@ def repo(tmp_path_factory) -> Path:
         else:
             shutil.copy2(source, target)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A git + DVC repository holding this project's pipeline files and freshly generated demo data."""
+    repo = copy_pipeline(tmp_path_factory.mktemp("repo"))
     demo_data.main(["--out", str(repo / "data")])
     return repo
 
@@ -69,18 +75,104 @@ def test_generated_data_matches_data_dvc(repo):
     assert "up to date" in dvc(repo, "status", "data.dvc")
 
 
-def test_repro_reproduces_the_committed_lock_and_is_stable(repo):
-    committed = (ROOT / "dvc.lock").read_text()
-    dvc(repo, "repro")
-    assert (repo / "dvc.lock").read_text() == committed, (
-        "a fresh `dvc repro` gives another dvc.lock than the committed one: "
+def lock_entries(lock_text: str, *stages: str) -> dict:
+    return {name: yaml.safe_load(lock_text)["stages"][name] for name in stages}
+
+
+def test_repro_of_the_data_stages_reproduces_the_committed_lock(repo):
+    # The trainers are too slow for the suite at demo size: they run below on a tiny overlay.
+    committed = lock_entries((ROOT / "dvc.lock").read_text(), "download", "pack")
+    dvc(repo, "repro", "pack")
+    assert lock_entries((repo / "dvc.lock").read_text(), "download", "pack") == committed, (
+        "a fresh `dvc repro` gives other dvc.lock entries than the committed ones: "
         "run `dvc repro` and commit dvc.lock after changing a stage"
     )
     images = tree(repo / "build/images")
     assert len(images) == 1797
 
-    dvc(repo, "repro", "-f")
-    assert (repo / "dvc.lock").read_text() == committed
+    dvc(repo, "repro", "-f", "pack")
+    assert lock_entries((repo / "dvc.lock").read_text(), "download", "pack") == committed
     assert tree(repo / "build/images") == images
-    assert "up to date" in dvc(repo, "status")
-    assert "Running stage" not in dvc(repo, "repro")
+    assert "Running stage" not in dvc(repo, "repro", "pack")
+
+
+def test_demo_trains_at_its_own_size_without_touching_params_yaml(repo):
+    params = (repo / "params.yaml").read_text()
+    assert "image_size: 224" in params  # the default for users' own photos
+    from stages.dataset import record_image_size
+
+    dvc(repo, "repro", "pack")
+    assert record_image_size(repo / "build/tfrecords") == 64  # from data/params.yaml, the demo data's settings
+    assert (repo / "params.yaml").read_text() == params
+
+
+TINY = """\
+pack:
+  image_size: 32
+train:
+  resnet:
+    epochs: 1
+    batch_size: 64
+  automl:
+    max_trials: 1
+    epochs: 1
+    block_types: [vanilla]
+    input_size: 16
+"""
+
+
+def keep_per_class(data: Path, count: int) -> None:
+    """Trim the demo data to ``count`` images a class (manifest rows and the folder class alike)."""
+    lines = (data / "manifest.csv").read_text().splitlines()
+    kept, seen = [lines[0]], {}
+    for line in lines[1:]:
+        label = line.rsplit(",", 1)[-1]
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] <= count:
+            kept.append(line)
+    (data / "manifest.csv").write_text("\n".join(kept) + "\n")
+    for path in sorted((data / "local").rglob("*.*"))[count:]:
+        path.unlink()
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory) -> Path:
+    """The whole pipeline on 16 demo digits a class with a tiny overlay (32 px, one epoch, one trial)."""
+    repo = copy_pipeline(tmp_path_factory.mktemp("tiny"))
+    (repo / "dvc.lock").unlink()
+    demo_data.main(["--out", str(repo / "data")])
+    keep_per_class(repo / "data", 16)
+    (repo / "data" / "params.yaml").write_text(TINY)
+    return repo
+
+
+def test_whole_pipeline_runs_reruns_nothing_and_reproduces_bit_identically(tiny_repo):
+    dvc(tiny_repo, "repro")
+    lock = (tiny_repo / "dvc.lock").read_text()
+    stages = yaml.safe_load(lock)["stages"]
+    assert set(stages) == {"download", "pack", "train_resnet", "train_automl"}
+    for name, model in (("train_resnet", "resnet50v2"), ("train_automl", "autokeras")):
+        assert (tiny_repo / "build/models" / model / "model.keras").is_file()
+        assert (tiny_repo / "reports" / name / "pictures" / "confusion.png").is_file()
+
+    assert "Running stage" not in dvc(tiny_repo, "repro")  # nothing changed, nothing runs
+    shown = dvc(tiny_repo, "metrics", "show")
+    assert "reports/train_resnet/metrics.json" in shown and "reports/train_automl/metrics.json" in shown
+    dvc(tiny_repo, "plots", "show", "-o", str(tiny_repo / "plots"))
+    page = (tiny_repo / "plots" / "index.html").read_text()
+    assert "Loss per epoch" in page and "AutoKeras confusion matrix (validation)" in page
+
+    dvc(tiny_repo, "repro", "-f")
+    assert (tiny_repo / "dvc.lock").read_text() == lock  # every output bit-identical, models included
+
+
+def test_changing_one_parameter_reruns_only_its_stage(tiny_repo):
+    import json
+
+    params = (tiny_repo / "params.yaml").read_text()
+    (tiny_repo / "params.yaml").write_text(params.replace("learning_rate: 0.001", "learning_rate: 0.002", 1))
+    try:
+        status = json.loads(dvc(tiny_repo, "status", "--json"))
+    finally:
+        (tiny_repo / "params.yaml").write_text(params)
+    assert set(status) == {"train_resnet"}

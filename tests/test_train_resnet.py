@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
-from stages import compare, pack, train_resnet
+from stages import compare, train_resnet
 from stages.cli import StageError
 from stages.dataset import make_dataset
-from tests.test_pack import make_images
 
+ROOT = Path(__file__).resolve().parents[1]
 PARAMS = """\
 pack:
   image_size: 32
@@ -25,21 +28,6 @@ train:
     batch_size: 8
     patience: 0
 """
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory) -> dict[int, Path]:
-    """Packed tiny data sets with three classes and with two (the sigmoid head)."""
-    root = tmp_path_factory.mktemp("records")
-    (root / "params.yaml").write_text(PARAMS)
-    made = {}
-    for classes in (3, 2):
-        images = root / f"images{classes}"
-        make_images(images, {name: 10 for name in ["cat", "dog", "owl"][:classes]})
-        pack.main(["--params", str(root / "params.yaml"), "--images", str(images), "--out", str(root / f"tf{classes}"),
-                   "--report", str(root / f"pack{classes}.json")])
-        made[classes] = root / f"tf{classes}"
-    return made
 
 
 def train(workdir: Path, records: Path, name: str) -> Path:
@@ -67,7 +55,7 @@ def test_outputs_metrics_plots_pictures_and_neptune_run(tmp_path, monkeypatch, r
     val = sum(v["val"] for v in json.loads((records[3].parent / "pack3.json").read_text())["per_class"].values())
     assert len(confusion) == val and set(confusion[0]) == {"actual", "predicted"}
     for picture in ("curves", "confusion", "mistakes"):
-        assert (out / "reports" / f"{picture}.png").read_bytes().startswith(b"\x89PNG")
+        assert (out / "reports" / "pictures" / f"{picture}.png").read_bytes().startswith(b"\x89PNG")
 
     # The saved model is the evaluated one: its predictions reproduce the reported accuracy.
     model = keras.models.load_model(out / "model" / "model.keras")
@@ -95,8 +83,6 @@ def test_two_classes_train_a_sigmoid_head_bit_identically(tmp_path, monkeypatch,
 
 def test_bad_records_and_a_head_that_cannot_fit_are_clear_errors(tmp_path, records):
     import shutil
-    import subprocess
-    import sys
 
     (tmp_path / "params.yaml").write_text(PARAMS)
     base = ["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "model")]
@@ -111,8 +97,31 @@ def test_bad_records_and_a_head_that_cannot_fit_are_clear_errors(tmp_path, recor
         train_resnet.main([*base, "--records", str(broken)])
 
     result = subprocess.run([sys.executable, "-m", "stages.train_resnet", *base, "--records", str(records[3]),
-                             "--head", "sigmoid"], cwd=Path(__file__).resolve().parents[1],
+                             "--head", "sigmoid"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "train_resnet: error: " in result.stderr and "exactly two classes, the data has 3" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_mirrored_strategy_trains_on_two_logical_cpu_devices(tmp_path, records):
+    # Logical devices must exist before TensorFlow starts, hence a fresh interpreter.
+    script = (
+        "import sys, tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "from stages import train_resnet\n"
+        "train_resnet.main(sys.argv[1:])\n"
+    )
+    (tmp_path / "params.yaml").write_text(PARAMS)
+    result = subprocess.run(
+        [sys.executable, "-c", script, "--params", str(tmp_path / "params.yaml"), "--records", str(records[3]),
+         "--out", str(tmp_path / "model"), "--reports", str(tmp_path / "reports"), "--strategy", "mirrored",
+         "--epochs", "1"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "NEPTUNE_MODE": "debug"},
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MirroredStrategy with 2 replica(s)" in result.stdout
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 1 and 0 <= metrics["accuracy"] <= 1
+    assert keras.models.load_model(tmp_path / "model" / "model.keras").output_shape == (None, 3)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 DOWNLOAD = Path("reports/download/metrics.json")
 PACK = Path("reports/pack/metrics.json")
+TRAINERS = {"resnet50v2": Path("reports/train_resnet"), "autokeras": Path("reports/train_automl")}
 
 
 def download_summary(path: Path = DOWNLOAD) -> str:
@@ -31,12 +32,25 @@ def pack_summary(path: Path = PACK) -> str:
             f"{report['skipped']} skipped")
 
 
+def train_summary(model: str, folder: Path) -> str:
+    report = json.loads((folder / "metrics.json").read_text())
+    where = f"trial {report['best_trial']} of {report['trials_run']}, " if "best_trial" in report else ""
+    return (f"{model}: val accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f} "
+            f"(weighted random guess {report['baseline']['macro_f1']:.3f}); {where}epoch {report['best_epoch']}; "
+            f"pictures in {folder / 'pictures'}/")
+
+
 def main() -> None:
     if not DOWNLOAD.exists():
         sys.exit(f"summary: {DOWNLOAD} not found; run `dvc repro` first")
     print(download_summary())
     if PACK.exists():
         print(pack_summary())
+    for model, folder in TRAINERS.items():
+        if (folder / "metrics.json").exists():
+            print(train_summary(model, folder))
+    if any((folder / "metrics.json").exists() for folder in TRAINERS.values()):
+        print("compare: dvc metrics show | dvc plots show | python -m stages.compare")
 
 
 if __name__ == "__main__":

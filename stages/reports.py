@@ -1,0 +1,118 @@
+"""What every trainer leaves behind, written the same way for ResNet50V2 and AutoKeras.
+
+``publish`` evaluates the predictions on the validation split and writes the model and the DVC
+outputs (``metrics.json``, ``history.csv`` for the curves, ``confusion.csv`` for DVC's confusion
+template), the pictures (``pictures/``: curves, confusion matrix, most confident mistakes), the same
+numbers and pictures to the Neptune run. Nothing written here holds a time or a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from stages.evaluation import Evaluation, confusion_rows, evaluate, plot_confusion, plot_mistakes, worst_mistakes
+from stages.modelio import save_model
+from stages.store import write_csv_atomic, write_text_atomic
+from stages.tracking import Tracker
+
+HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def dataset_version(folder: Path) -> str:
+    """sha256 over the shards' names and bytes: which data a run saw, for the tracker."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.tfrecord")) + [folder / "labels.json"]:
+        digest.update(path.name.encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def git_commit() -> str:
+    """The checked-out commit (with '+dirty' when the tree has changes), or 'unknown' outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.strip() + ("+dirty" if dirty.strip() else "")
+
+
+def start_run(name: str, tags: list[str], parameters: dict, records: Path, train_images: int) -> Tracker:
+    tracker = Tracker(name, tags=tags)
+    tracker.set("parameters", parameters)
+    tracker.set("data/version", dataset_version(records))
+    tracker.set("data/train_images", train_images)
+    tracker.set("source/git_commit", git_commit())
+    return tracker
+
+
+def history_row(epoch: int, logs: dict) -> dict:
+    return {"epoch": epoch, **{key: round(float(logs[key]), 6) for key in HISTORY_KEYS if key in logs}}
+
+
+def plot_history(history: list[dict], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [row["epoch"] for row in history]
+    for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        for prefix, label in (("", "train"), ("val_", "validation")):
+            values = [row.get(prefix + metric) for row in history]
+            if values and all(v is not None for v in values):
+                ax.plot(epochs, values, marker="o", label=label)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def write_dict_csv(path: Path, rows: list[dict]) -> None:
+    header = list(rows[0]) if rows else ["epoch"]
+    write_csv_atomic(path, header, ([row.get(key, "") for key in header] for row in rows))
+
+
+def publish(model, model_name: str, out: Path, reports: Path, labels: list[str],  # type: ignore[no-untyped-def]
+            y_true: np.ndarray, outputs: np.ndarray, history: list[dict], extra: dict,
+            images_at: Callable[[list[int]], dict[int, np.ndarray]], tracker: Tracker) -> tuple[Evaluation, dict]:
+    """Evaluate, then write the model, the DVC metrics and plots, the pictures, and the tracker's copy.
+
+    ``images_at(indices)`` returns the validation images the mistakes picture shows."""
+    evaluation = evaluate(y_true, outputs, labels)
+    metrics = {**evaluation.metrics(), **extra}
+    save_model(model, out / "model.keras")
+    write_text_atomic(reports / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_dict_csv(reports / "history.csv", history)
+    write_dict_csv(reports / "confusion.csv", confusion_rows(y_true, outputs, labels))
+    pictures = reports / "pictures"
+    plot_history(history, pictures / "curves.png", model_name)
+    plot_confusion(evaluation, pictures / "confusion.png", f"{model_name}: confusion matrix (validation)")
+    plot_mistakes(images_at(worst_mistakes(y_true, outputs)), y_true, outputs, labels, pictures / "mistakes.png")
+
+    for key in ("accuracy", "macro_f1"):
+        tracker.set(f"metrics/{key}", metrics[key])
+    tracker.set("metrics/baseline_macro_f1", metrics["baseline"]["macro_f1"])
+    for key, value in extra.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            tracker.set(f"metrics/{key}", value)
+    for picture in ("curves", "confusion", "mistakes"):
+        tracker.upload(f"pictures/{picture}", pictures / f"{picture}.png")
+    summary = io.StringIO()
+    model.summary(print_fn=lambda line, **_: summary.write(line + "\n"))
+    tracker.set("model/summary", summary.getvalue())
+    return evaluation, metrics

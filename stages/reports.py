@@ -8,6 +8,7 @@ numbers and pictures to the Neptune run. Nothing written here holds a time or a 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
@@ -17,12 +18,25 @@ from pathlib import Path
 
 import numpy as np
 
+from stages import params as params_module
 from stages.evaluation import Evaluation, confusion_rows, evaluate, plot_confusion, plot_mistakes, worst_mistakes
 from stages.modelio import save_model
 from stages.store import write_csv_atomic, write_text_atomic
 from stages.tracking import Tracker
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def trainer_parser(name: str, description: str, section: str, reports: str) -> argparse.ArgumentParser:
+    """The flags every trainer takes: --records, --out, --reports, and its params sections."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
+    parser.add_argument("--records", type=Path, required=True, help="folder of TFRecords and labels.json")
+    parser.add_argument("--out", type=Path, required=True, help="folder for model.keras")
+    parser.add_argument("--reports", type=Path, default=Path(f"reports/{name}"),
+                        help=f"{reports} (default: %(default)s)")
+    params_module.add_section_flags(parser, "train")
+    params_module.add_section_flags(parser, section)
+    return parser
 
 
 def dataset_version(folder: Path) -> str:

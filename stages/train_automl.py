@@ -30,7 +30,7 @@ from stages import params as params_module
 from stages.cli import StageError, run
 from stages.dataset import DatasetError, load_arrays, record_image_size
 from stages.params import ParamsError
-from stages.reports import history_row, publish, start_run, write_dict_csv
+from stages.reports import history_row, publish, start_run, trainer_parser, write_dict_csv
 from stages.tracking import Tracker
 from stages.training import class_weights, resolve_head, seed_everything, strategy_for
 
@@ -228,15 +228,9 @@ def log_trials(tracker: Tracker, oracle, recorder, rows: list[dict]) -> None:  #
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{NAME}", description=__doc__.split("\n")[0])
-    parser.add_argument("--records", type=Path, required=True, help="folder of TFRecords and labels.json")
-    parser.add_argument("--out", type=Path, required=True, help="folder for model.keras")
-    parser.add_argument("--reports", type=Path, default=Path(f"reports/{NAME}"),
-                        help="metrics, plots, pictures and trials.csv (default: %(default)s)")
+    parser = trainer_parser(NAME, __doc__.split("\n")[0], "train.automl", "metrics, plots, pictures and trials.csv")
     parser.add_argument("--workdir", type=Path, default=Path(".cache/automl"),
                         help="search state: trials and checkpoints, not tracked (default: %(default)s)")
-    params_module.add_section_flags(parser, "train")
-    params_module.add_section_flags(parser, "train.automl")
     return parser.parse_args(argv)
 
 

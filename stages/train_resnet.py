@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -23,7 +22,7 @@ from stages import params as params_module
 from stages.cli import StageError, run
 from stages.dataset import DatasetError, label_counts, make_dataset, record_image_size
 from stages.params import ParamsError
-from stages.reports import history_row, publish, start_run
+from stages.reports import history_row, publish, start_run, trainer_parser
 from stages.tracking import Tracker
 from stages.training import (
     build_resnet,
@@ -101,13 +100,7 @@ def _images_at(dataset, wanted: set[int]) -> dict[int, np.ndarray]:  # type: ign
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{NAME}", description=__doc__.split("\n")[0])
-    parser.add_argument("--records", type=Path, required=True, help="folder of TFRecords and labels.json")
-    parser.add_argument("--out", type=Path, required=True, help="folder for model.keras")
-    parser.add_argument("--reports", type=Path, default=Path(f"reports/{NAME}"),
-                        help="metrics, plots and pictures (default: %(default)s)")
-    params_module.add_section_flags(parser, "train")
-    params_module.add_section_flags(parser, "train.resnet")
+    parser = trainer_parser(NAME, __doc__.split("\n")[0], "train.resnet", "metrics, plots and pictures")
     return parser.parse_args(argv)
 
 

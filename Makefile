@@ -10,11 +10,13 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 # Run with the virtual environment first on PATH, so dvc.yaml's `python` is the pinned one.
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
-.PHONY: help .venv demo data test bench lock clean
+.PHONY: help .venv demo data release serve test bench lock clean
 
 help:
 	@echo "make demo   - set up .venv, generate the demo digits, run the whole pipeline (dvc repro)"
 	@echo "make test   - set up .venv, run the test suite"
+	@echo "make release - copy build/serving/ to model/ and dvc add it (model.dvc)"
+	@echo "make serve  - start the prediction service on 127.0.0.1:8000"
 	@echo "make bench  - benchmarks against peer tools (results in bench/results/)"
 	@echo "make .venv  - only create the virtual environment from requirements.lock"
 
@@ -49,6 +51,15 @@ data: $(STAMP)
 demo: $(STAMP) data
 	$(RUN) dvc repro
 	@$(RUN) python -m tools.summary
+	@$(RUN) python -m stages.release
+
+# Copy build/serving/ to model/ and `dvc add model` (model.dvc names the released model).
+release: $(STAMP)
+	$(RUN) python -m stages.release
+
+# The prediction service on the released model (model/, else build/serving/).
+serve: $(STAMP)
+	$(RUN) python -m serve
 
 test: $(STAMP)
 	$(RUN) python -m pytest

@@ -125,11 +125,31 @@ class TrainParams(Section):
     automl: AutomlParams = Field(default_factory=AutomlParams)
 
 
+class ExportParams(Section):
+    opset: Annotated[int, Field(ge=17, le=21)] = 17  # ONNX opset; 17 runs on every current ONNX Runtime
+    # Parity gate: Keras and ONNX Runtime on the whole validation split.
+    max_abs_diff: PositiveFloat = 1e-4  # largest allowed probability difference
+    batch_size: PositiveInt = 64  # images per inference batch in the parity check
+    quantize: bool = False  # also write model.int8.onnx (static INT8, calibrated on training images)
+    calibration_images: PositiveInt = 128
+
+
+class ServeParams(Section):
+    model: Literal["best", "resnet50v2", "autokeras"] = "best"  # best: the higher validation macro-F1
+    max_batch: PositiveInt = 32  # requests coalesced into one ONNX Runtime call
+    max_wait_ms: Annotated[float, Field(ge=0)] = 5.0  # how long the first request waits for others
+    max_queue: PositiveInt = 256  # images waiting; more are answered 503 with Retry-After
+    triton_instances: PositiveInt = 1  # Triton model instances (CPU)
+    triton_max_queue_delay_us: NonNegativeInt = 5000
+
+
 class Params(Section):
     download: DownloadParams = Field(default_factory=DownloadParams)
     pack: PackParams = Field(default_factory=PackParams)
     augment: AugmentParams = Field(default_factory=AugmentParams)
     train: TrainParams = Field(default_factory=TrainParams)
+    export: ExportParams = Field(default_factory=ExportParams)
+    serve: ServeParams = Field(default_factory=ServeParams)
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -81,6 +81,28 @@ def write_csv_atomic(path: Path, header: list[str], rows: Iterable[Iterable[obje
     write_text_atomic(path, buffer.getvalue())
 
 
+def write_folder_atomic(out: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` (paths relative to ``out``) as the folder ``out``, which appears whole or
+    not at all: built beside it, then renamed into place (the old one removed just before)."""
+    import shutil
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        folders = Folders()
+        for name, data in sorted(files.items()):
+            target = staging / name
+            write_atomic(target, data, folders=folders)
+            target.chmod(0o644)  # mkstemp made it private
+        for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
+            folder.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -29,3 +29,50 @@ def records(tmp_path_factory) -> dict[int, Path]:
                    "--report", str(root / f"pack{classes}.json")])
         made[classes] = root / f"tf{classes}"
     return made
+
+
+def small_cnn(size: int, classes: int, head: str = "avg"):  # type: ignore[no-untyped-def]
+    """A small Keras classifier for export and serving tests: ``avg``/``max`` pooling heads
+    (class-activation maps possible), ``flatten`` (not), ``sigmoid`` (one unit, two classes).
+    Dropout is there so the test can check that no training-only op reaches ONNX."""
+    from stages.training import seed_everything
+
+    seed_everything(7)
+    import keras
+
+    inputs = keras.Input((size, size, 3), name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="last_conv")(x)
+    pool = {"avg": keras.layers.GlobalAveragePooling2D(), "max": keras.layers.GlobalMaxPooling2D(),
+            "sigmoid": keras.layers.GlobalAveragePooling2D(), "flatten": keras.layers.Flatten()}[head]
+    x = keras.layers.Dropout(0.3)(pool(x))
+    units, activation = (1, "sigmoid") if head == "sigmoid" else (classes, "softmax")
+    outputs = keras.layers.Dense(units, activation=activation, name="predictions")(x)
+    return keras.Model(inputs, outputs)
+
+
+EXPORT_PARAMS = "export:\n  batch_size: 16\n"
+
+
+def export_bundle(model, records: Path, root: Path, name: str, *flags: str) -> Path:  # type: ignore[no-untyped-def]
+    from stages import export
+    from stages.modelio import save_model
+
+    save_model(model, root / "models" / name / "model.keras")
+    (root / "params.yaml").write_text(EXPORT_PARAMS)
+    export.main(["--params", str(root / "params.yaml"), "--model", str(root / "models" / name / "model.keras"),
+                 "--records", str(records), "--out", str(root / "onnx" / name), "--timings",
+                 str(root / f"{name}.json"), "--reports", str(root / "reports" / name), *flags])
+    return root / "onnx" / name
+
+
+@pytest.fixture(scope="session")
+def bundles(records, tmp_path_factory) -> dict[str, Path]:
+    """Exported bundles of small models on the tiny records: cam (3 classes, average pooling),
+    flat (3 classes, flatten head: no maps), sigmoid (2 classes, one unit)."""
+    root = tmp_path_factory.mktemp("bundles")
+    return {"cam": export_bundle(small_cnn(32, 3, "avg"), records[3], root, "cam"),
+            "flat": export_bundle(small_cnn(32, 3, "flatten"), records[3], root, "flat"),
+            "sigmoid": export_bundle(small_cnn(32, 2, "sigmoid"), records[2], root, "sigmoid")}

@@ -1,0 +1,69 @@
+"""python -m serve --bundle DIR --host 127.0.0.1 --port 8000: the prediction service on uvicorn.
+
+The bundle defaults to model/ (the release, `dvc pull model.dvc`), else build/serving/ (the last
+`dvc repro`). Remote URLs and server files are off unless --allow-remote / --path-root say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_BUNDLES = (Path("model"), Path("build/serving"))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="serving bundle (default: model/, else build/serving/)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=32, help="images per ONNX Runtime call")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    parser.add_argument("--max-queue", type=int, default=256, help="waiting images before 503 + Retry-After")
+    parser.add_argument("--max-body-bytes", type=int, default=20_000_000, help="larger requests get 413")
+    parser.add_argument("--max-pixels", type=int, default=40_000_000, help="larger images get 422")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
+    parser.add_argument("--allow-remote", action="store_true", help='accept {"url": ...} (public addresses only)')
+    parser.add_argument("--remote-allow-cidr", action="append", default=[], metavar="CIDR",
+                        help="also allow fetching from this range (repeatable), e.g. 10.0.0.0/8")
+    parser.add_argument("--remote-timeout", type=float, default=10.0, help="seconds per URL fetch")
+    parser.add_argument("--path-root", type=Path, default=None, help='accept {"path": ...} for files under DIR')
+    parser.add_argument("--log-level", default="info")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from serve.app import Settings
+    from serve.remote import RemotePolicy
+
+    bundle = args.bundle or next((path for path in DEFAULT_BUNDLES if (path / "model.onnx").is_file()),
+                                 DEFAULT_BUNDLES[0])
+    remote = RemotePolicy.from_cidrs(args.allow_remote, args.remote_allow_cidr, max_bytes=args.max_body_bytes,
+                                     timeout=args.remote_timeout)
+    if args.path_root is not None and not args.path_root.is_dir():
+        raise ValueError(f"--path-root {args.path_root}: not a folder")
+    return Settings(bundle=bundle, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                    max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, remote=remote,
+                    path_root=args.path_root, threads=args.threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import uvicorn
+
+    from serve.app import create_app
+    from serve.bundle import BundleError
+
+    try:
+        app = create_app(settings_from(args))
+    except (BundleError, ValueError) as exc:
+        print(f"serve: error: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

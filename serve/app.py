@@ -1,0 +1,343 @@
+"""The prediction service: FastAPI on ONNX Runtime, dynamic batching, errors as data. No TensorFlow.
+
+    app = create_app(Settings(bundle=Path("model")))
+
+Every refusal is ``{"error": {"code", "message"}}`` with a 4xx status (503 with Retry-After when
+the queue is full); bad input never produces a 500 or a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.annotate import annotate as draw_annotation
+from serve.batcher import Batcher, QueueFull
+from serve.bundle import Bundle
+from serve.errors import ApiError
+from serve.inputs import (
+    JSON,
+    MULTIPART,
+    PredictJson,
+    bytes_from_json,
+    content_type,
+    decode,
+    parse_json,
+    read_form,
+    unsupported,
+    upload_bytes,
+)
+from serve.remote import RemotePolicy
+
+
+@dataclass
+class Settings:
+    bundle: Path
+    max_batch: int = 32  # images per ONNX Runtime call
+    max_wait_ms: float = 5.0  # how long the first image of a batch waits for company
+    max_queue: int = 256  # images waiting; beyond it: 503 + Retry-After
+    max_body_bytes: int = 20_000_000
+    max_pixels: int = 40_000_000
+    max_batch_images: int = 64  # images in one /predict/batch request
+    remote: RemotePolicy = field(default_factory=RemotePolicy)
+    path_root: Path | None = None
+    threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per core
+
+
+# --- response models (also the OpenAPI schema schemathesis checks the service against) ---------
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="stable machine-readable reason, e.g. not_an_image")
+    message: str = Field(description="what is wrong, naming the field or input")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="most likely label")
+    confidence: float = Field(description="its probability")
+    scores: dict[str, float] = Field(description="probability per label (the top_k most likely when top_k is given)")
+    model: ModelInfo
+
+
+class BatchResponse(BaseModel):
+    results: list[Prediction | ErrorResponse] = Field(description="one per image, in the order sent")
+
+
+class Metadata(BaseModel):
+    name: str
+    version: str
+    labels: list[str] = Field(description="labels in output index order")
+    input_size: int = Field(description="side of the square the image is letterboxed into")
+    metrics: dict[str, float] = Field(description="validation metrics of the exported model")
+    dataset: str = Field(description="hash of the TFRecords the model was trained on")
+    class_activation_maps: bool = Field(description="whether /annotate can draw heatmaps")
+
+
+class Status(BaseModel):
+    status: str
+
+
+def errors(*statuses: int) -> dict:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+IMAGE_ERRORS = errors(403, 404, 413, 415, 422, 503)
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            MULTIPART: {"schema": {"type": "object", "required": ["image"],
+                                   "properties": {"image": {"type": "string", "format": "binary"}}}},
+            JSON: {"schema": PredictJson.model_json_schema()},
+        },
+    }
+}
+BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {MULTIPART: {"schema": {
+            "type": "object", "required": ["images"],
+            "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}},
+    }
+}
+
+
+class Metrics:
+    """Prometheus metrics on a registry of the app's own (several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("http_requests_total", "HTTP requests by route and status", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("http_request_duration_seconds", "request latency by route", ["route"],
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=self.registry)
+        self.batch_sizes = Histogram("inference_batch_size", "images per ONNX Runtime call",
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+        self.images = Counter("images_predicted_total", "images through the model", registry=self.registry)
+        self.queue_depth = Gauge("inference_queue_depth", "images waiting for a batch", registry=self.registry)
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes is answered 413 (by Content-Length at once,
+    else when the streamed bytes pass the limit), before anything reads it all into memory."""
+
+    def __init__(self, app, limit: int) -> None:  # type: ignore[no-untyped-def]
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = ApiError(413, "too_large", f"request body is larger than {self.limit} bytes")
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await JSONResponse(too_large.body(), 413)(scope, receive, send)
+        seen = 0
+
+        async def limited():  # type: ignore[no-untyped-def]
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise too_large
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+class Timing:
+    """ASGI middleware: request count by status and latency, labelled by route template."""
+
+    def __init__(self, app, metrics: Metrics, routes: set[str]) -> None:  # type: ignore[no-untyped-def]
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in self.routes else "other"
+        status, started = 500, time.perf_counter()
+
+        async def recorded(message):  # type: ignore[no-untyped-def]
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recorded)
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+def create_app(settings: Settings, bundle: Bundle | None = None) -> FastAPI:
+    bundle = bundle or Bundle.load(settings.bundle, settings.threads)
+    metrics = Metrics()
+    state: dict = {}
+
+    def on_batch(size: int) -> None:
+        metrics.batch_sizes.observe(size)
+        metrics.images.inc(size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        batcher = Batcher(bundle.predict, settings.max_batch, settings.max_wait_ms, settings.max_queue, on_batch)
+        batcher.start()
+        metrics.queue_depth.set_function(lambda: batcher.depth)
+        state["batcher"] = batcher
+        yield
+        state.pop("batcher")
+        await batcher.stop()
+
+    app = FastAPI(title="Image classifier", version=bundle.version, lifespan=lifespan,
+                  description=f"{bundle.name} on ONNX Runtime: {len(bundle.labels)} labels, "
+                              f"{bundle.image_size} px letterboxed input")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return JSONResponse(ApiError(422, "invalid_field", f"{where}: {first['msg']}").body(), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        status = 422 if exc.status_code == 400 else exc.status_code
+        return JSONResponse(ApiError(status, code, str(exc.detail)).body(), status, headers=exc.headers)
+
+    async def image_bytes(request: Request) -> tuple[bytes, int | None]:
+        ctype = content_type(request)
+        if ctype == MULTIPART:
+            form = await read_form(request, settings.max_body_bytes)
+            if "image" not in form:
+                raise ApiError(422, "missing_field", "multipart field 'image' is required")
+            return await upload_bytes(form["image"], "image"), None
+        if ctype == JSON:
+            body = parse_json(await request.body())
+            data = await asyncio.to_thread(bytes_from_json, body, settings.max_body_bytes, settings.remote,
+                                           settings.path_root)
+            return data, body.top_k
+        raise unsupported(ctype)
+
+    async def predict_bytes(data: bytes, with_features: bool = False):  # type: ignore[no-untyped-def]
+        original, pixels, geometry = await asyncio.to_thread(
+            decode, data, bundle.image_size, bundle.pad_color, bundle.resample, settings.max_pixels)
+        batcher: Batcher | None = state.get("batcher")
+        if batcher is None:
+            raise ApiError(503, "not_ready", "the service is starting or stopping", {"Retry-After": "1"})
+        try:
+            probabilities, features = await batcher.submit(pixels, with_features)
+        except QueueFull as exc:
+            raise ApiError(503, "overloaded", f"too many images waiting ({exc}); retry shortly",
+                           {"Retry-After": "1"}) from None
+        return original, geometry, probabilities, features
+
+    def prediction(probabilities: np.ndarray, top_k: int | None) -> Prediction:
+        order = np.argsort(-probabilities, kind="stable")[:top_k]
+        best = int(order[0])
+        return Prediction(label=bundle.labels[best], confidence=float(probabilities[best]),
+                          scores={bundle.labels[i]: float(probabilities[i]) for i in order},
+                          model=ModelInfo(name=bundle.name, version=bundle.version))
+
+    @app.get("/healthz", response_model=Status, summary="the process is up")
+    async def healthz() -> Status:
+        return Status(status="ok")
+
+    @app.get("/readyz", response_model=Status, responses=errors(503), summary="the model is loaded and batching")
+    async def readyz() -> Status:
+        if "batcher" not in state:
+            raise ApiError(503, "not_ready", "the service is starting or stopping", {"Retry-After": "1"})
+        return Status(status="ready")
+
+    @app.get("/metadata", response_model=Metadata, summary="the model behind the service")
+    async def metadata() -> Metadata:
+        numbers = {key: float(value) for key, value in bundle.metadata.get("metrics", {}).items()}
+        return Metadata(name=bundle.name, version=bundle.version, labels=bundle.labels,
+                        input_size=bundle.image_size, metrics=numbers,
+                        dataset=str(bundle.metadata.get("dataset", "")),
+                        class_activation_maps=bundle.cam_weights is not None)
+
+    @app.post("/predict", response_model=Prediction, responses=IMAGE_ERRORS, openapi_extra=IMAGE_BODY,
+              summary="classify one image (multipart field 'image', or JSON image_base64 / url / path)")
+    async def predict(request: Request, top_k: int | None = Query(None, ge=1)) -> Prediction:
+        data, json_top_k = await image_bytes(request)
+        _, _, probabilities, _ = await predict_bytes(data)
+        return prediction(probabilities, top_k or json_top_k)
+
+    @app.post("/predict/batch", response_model=BatchResponse, responses=errors(413, 415, 422, 503),
+              openapi_extra=BATCH_BODY, summary="classify several images (repeated multipart field 'images')")
+    async def predict_batch(request: Request, top_k: int | None = Query(None, ge=1)) -> BatchResponse:
+        ctype = content_type(request)
+        if ctype != MULTIPART:
+            raise unsupported(ctype) if ctype != JSON else ApiError(
+                415, "unsupported_media", "/predict/batch takes multipart/form-data (repeated field 'images')")
+        form = await read_form(request, settings.max_body_bytes)
+        uploads = form.getlist("images")
+        if not uploads:
+            raise ApiError(422, "missing_field", "multipart field 'images' is required (once per image)")
+        not_files = [i for i, upload in enumerate(uploads) if not isinstance(upload, UploadFile)]
+        if not_files:  # a malformed request as a whole, not one bad image among good ones
+            raise ApiError(422, "missing_field", f"images[{not_files[0]}]: multipart field 'images' must be a file")
+        if len(uploads) > settings.max_batch_images:
+            raise ApiError(413, "too_many_images", f"{len(uploads)} images in one request; at most "
+                                                   f"{settings.max_batch_images}")
+
+        async def one(index: int, upload) -> Prediction | ErrorResponse:  # type: ignore[no-untyped-def]
+            try:
+                _, _, probabilities, _ = await predict_bytes(await upload_bytes(upload, "images"))
+                return prediction(probabilities, top_k)
+            except ApiError as exc:  # this image's own error; the others are still answered
+                return ErrorResponse.model_validate(exc.named(f"images[{index}]").body())
+
+        return BatchResponse(results=list(await asyncio.gather(*(one(i, u) for i, u in enumerate(uploads)))))
+
+    @app.post("/annotate", responses={200: {"content": {"image/png": {}}, "description": "annotated PNG"},
+                                      409: {"model": ErrorResponse}, **IMAGE_ERRORS},
+              response_class=Response, openapi_extra=IMAGE_BODY,
+              summary="the image with its class-activation heatmap, a box and the label (PNG)")
+    async def annotate(request: Request) -> Response:
+        data, _ = await image_bytes(request)
+        if bundle.cam_weights is None:
+            raise ApiError(409, "no_activation_maps", f"model {bundle.name} has no global-pooling head, so no "
+                                                      "class-activation maps")
+        original, geometry, probabilities, features = await predict_bytes(data, with_features=True)
+        best = int(np.argmax(probabilities))
+        cam = bundle.class_activation_map(features, best)
+        png = await asyncio.to_thread(draw_annotation, original, cam, geometry, bundle.image_size,
+                                      bundle.labels[best], float(probabilities[best]))
+        return Response(png, media_type="image/png")
+
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics",
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    routes = {route.path for route in app.routes}
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(Timing, metrics=metrics, routes=routes)
+    app.state.bundle, app.state.metrics = bundle, metrics
+    return app

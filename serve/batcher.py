@@ -1,0 +1,105 @@
+"""Dynamic batching: concurrent requests share one ONNX Runtime call.
+
+A request puts its preprocessed image on a bounded queue and awaits a future. One worker task
+takes the first waiting image, gathers more until ``max_batch`` or ``max_wait_ms`` after the
+first, and runs the batch in a thread (ONNX Runtime releases the GIL), so the event loop keeps
+accepting requests meanwhile. A full queue is refused at once (the caller answers 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class QueueFull(Exception):
+    """More images are waiting than the queue holds."""
+
+
+@dataclass
+class _Item:
+    pixels: np.ndarray
+    with_features: bool
+    future: asyncio.Future
+
+
+RunBatch = Callable[[np.ndarray, bool], tuple[np.ndarray, np.ndarray | None]]
+
+
+class Batcher:
+    def __init__(self, run_batch: RunBatch, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        self.run_batch = run_batch
+        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
+        self.on_batch = on_batch or (lambda size: None)
+        self._worker: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        return self.queue.qsize()
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._work(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        while not self.queue.empty():  # nobody will answer these: fail them rather than hang
+            item = self.queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(QueueFull("the service is shutting down"))
+
+    async def submit(self, pixels: np.ndarray, with_features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """One image's (probabilities, features or None)."""
+        future = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait(_Item(pixels, with_features, future))
+        except asyncio.QueueFull:
+            raise QueueFull(f"{self.queue.maxsize} images are already waiting") from None
+        return await future
+
+    async def _gather(self) -> list[_Item]:
+        items = [await self.queue.get()]
+        deadline = time.monotonic() + self.max_wait
+        while len(items) < self.max_batch:
+            try:
+                items.append(self.queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                items.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except TimeoutError:
+                break
+        return items
+
+    async def _work(self) -> None:
+        while True:
+            items = [item for item in await self._gather() if not item.future.cancelled()]
+            if not items:
+                continue
+            with_features = any(item.with_features for item in items)
+            try:
+                probabilities, features = await asyncio.to_thread(
+                    self.run_batch, np.stack([item.pixels for item in items]), with_features)
+            except Exception as exc:  # noqa: BLE001 - handed to each waiting request, never lost
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            self.on_batch(len(items))
+            for i, item in enumerate(items):
+                if not item.future.done():
+                    item.future.set_result((probabilities[i], None if features is None else features[i]))

@@ -1,0 +1,85 @@
+"""A serving bundle on disk (written by ``stages.export``) loaded into ONNX Runtime. No TensorFlow.
+
+    bundle = Bundle.load(Path("model"))
+    pixels, geometry = bundle.preprocess(image_bytes)       # stages.imaging, as in training
+    probabilities, features = bundle.predict(np.stack([pixels]))
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from stages.imaging import Geometry, preprocess
+
+REQUIRED = ("model.onnx", "labels.json", "preprocess.json", "metadata.json")
+
+
+class BundleError(Exception):
+    """The bundle folder is missing or incomplete; the message names the file."""
+
+
+@dataclass
+class Bundle:
+    folder: Path
+    labels: list[str]
+    image_size: int
+    pad_color: tuple[int, int, int]
+    resample: str
+    metadata: dict[str, Any]
+    session: ort.InferenceSession
+    cam_weights: np.ndarray | None = None  # C x classes, when the model outputs ``features``
+    outputs: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, folder: Path, threads: int = 0) -> Bundle:
+        missing = [name for name in REQUIRED if not (folder / name).is_file()]
+        if missing:
+            raise BundleError(f"{folder}: not a serving bundle (missing {', '.join(missing)}); "
+                              "run `dvc repro` (build/serving/) or `dvc pull model.dvc` (model/)")
+        try:
+            labels = json.loads((folder / "labels.json").read_text())
+            prep = json.loads((folder / "preprocess.json").read_text())
+            metadata = json.loads((folder / "metadata.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{folder}: unreadable bundle file ({exc})") from None
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        try:
+            session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
+            raise BundleError(f"{folder / 'model.onnx'}: ONNX Runtime cannot load it ({exc})") from None
+        outputs = [output.name for output in session.get_outputs()]
+        cam = folder / "cam_weights.npy"
+        cam_weights = np.load(cam, allow_pickle=False) if cam.is_file() and "features" in outputs else None
+        return cls(folder, labels, int(prep["image_size"]), tuple(prep["pad_color"]), prep["resample"], metadata,
+                   session, cam_weights, outputs)
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name", self.folder.name))
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata.get("version", "unknown"))
+
+    def preprocess(self, data: bytes) -> tuple[np.ndarray, Geometry]:
+        """Image bytes -> the uint8 square the model takes (the pack stage's own function)."""
+        return preprocess(data, self.image_size, self.pad_color, self.resample)
+
+    def predict(self, pixels: np.ndarray, with_features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """N x S x S x 3 uint8 -> (N x classes probabilities, N x h x w x C features or None)."""
+        wanted = ["probabilities"] + (["features"] if with_features and self.cam_weights is not None else [])
+        results = self.session.run(wanted, {"image": pixels.astype(np.float32)})
+        return results[0], (results[1] if len(results) > 1 else None)
+
+    def class_activation_map(self, features: np.ndarray, class_index: int) -> np.ndarray:
+        """h x w map of one image's ``features`` weighted by the dense kernel of ``class_index``."""
+        assert self.cam_weights is not None
+        return features @ self.cam_weights[:, class_index]

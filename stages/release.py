@@ -1,0 +1,62 @@
+"""Release the serving bundle: copy ``build/serving/`` to ``model/`` and ``dvc add model``.
+
+    python -m stages.release            # or: make release
+
+``model.dvc`` (in git) then names the released model, so a serving host needs only
+``dvc pull model.dvc`` and ``python -m serve``. The bundle is byte-reproducible, so releasing
+an unchanged pipeline leaves ``model.dvc`` unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from stages.cli import StageError, run
+from stages.store import write_folder_atomic
+
+NAME = "release"
+BUNDLE_FILES = ("model.onnx", "labels.json", "preprocess.json", "metadata.json")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{NAME}", description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", type=Path, default=Path("build/serving"), help="bundle to release (%(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("model"), help="release folder, tracked by OUT.dvc "
+                                                                         "(%(default)s)")
+    return parser.parse_args(argv)
+
+
+def example_image() -> str:
+    """An image of the data set for the printed curl line."""
+    for folder in (Path("build/images"), Path("data")):
+        for path in sorted(folder.rglob("*.png")) if folder.is_dir() else []:
+            return str(path)
+    return "your-image.jpg"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    missing = [name for name in BUNDLE_FILES if not (args.bundle / name).is_file()]
+    if missing:
+        raise StageError(f"--bundle {args.bundle}: not a serving bundle (missing {', '.join(missing)}); "
+                         "run `dvc repro` first")
+    metadata = json.loads((args.bundle / "metadata.json").read_text())
+    write_folder_atomic(args.out, {path.name: path.read_bytes() for path in sorted(args.bundle.iterdir())
+                              if path.is_file()})
+    added = subprocess.run([sys.executable, "-m", "dvc", "add", "--quiet", str(args.out)], capture_output=True,
+                           text=True)
+    if added.returncode != 0:
+        raise StageError(f"dvc add {args.out} failed: {(added.stderr or added.stdout).strip()}")
+    print(f"{NAME}: {metadata['name']} version {metadata['version']} (val accuracy "
+          f"{metadata['metrics']['accuracy']:.3f}) is in {args.out}/, tracked by {args.out}.dvc; "
+          f"share it with `git add {args.out}.dvc && git commit` and `dvc push`")
+    print(f"  start the service:  python -m serve --bundle {args.out}")
+    print(f"  try it:             curl -F image=@{example_image()} http://127.0.0.1:8000/predict")
+
+
+if __name__ == "__main__":
+    run(lambda: main(sys.argv[1:]), NAME)

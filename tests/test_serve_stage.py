@@ -1,0 +1,129 @@
+"""stages.serve (choice of model, Triton repository, the HTTP check), stages.release and
+serve.predict_folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from serve import predict_folder
+from serve.bundle import Bundle
+from stages import release
+from stages import serve as serve_stage
+from tests import images
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def exported(bundles, tmp_path_factory) -> Path:
+    """Two bundles named like the pipeline's, with different validation macro-F1."""
+    root = tmp_path_factory.mktemp("exported")
+    for name, source in (("resnet50v2", "cam"), ("autokeras", "flat")):
+        shutil.copytree(bundles[source], root / name)
+    return root
+
+
+def run_serve(tmp_path: Path, exported: Path, records: Path, *flags: str) -> dict:
+    params = tmp_path / "params.yaml"
+    params.write_text("serve:\n  max_batch: 4\n")
+    serve_stage.main(["--params", str(params), "--bundles", str(exported), "--records", str(records),
+                      "--out", str(tmp_path / "serving"), "--triton", str(tmp_path / "triton"),
+                      "--reports", str(tmp_path / "reports"), "--timings", str(tmp_path / "timings.json"), *flags])
+    return json.loads((tmp_path / "reports" / "metrics.json").read_text())
+
+
+def test_serve_picks_the_best_model_writes_triton_and_checks_http(tmp_path, exported, records):
+    scores = {name: json.loads((exported / name / "metadata.json").read_text())["metrics"]["macro_f1"]
+              for name in ("resnet50v2", "autokeras")}
+    best = max(sorted(scores), key=scores.get)
+    metrics = run_serve(tmp_path, exported, records[3])
+    assert metrics["model"] == best
+    assert metrics["http_accuracy"] == metrics["offline_accuracy"] and metrics["agreement_with_onnxruntime"] == 1.0
+    assert metrics["images"] > 0 and metrics["max_abs_diff_onnxruntime"] <= 1e-5
+    assert (tmp_path / "serving" / "model.onnx").read_bytes() == (exported / best / "model.onnx").read_bytes()
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert timings["images_per_second"] > 0 and timings["p99_ms"] >= timings["p50_ms"] > 0
+
+    # The Triton repository, read back with Triton's own schema.
+    config = text_format.Parse((tmp_path / "triton" / best / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    assert config.name == best and config.backend == "onnxruntime" and config.max_batch_size == 4
+    assert [(i.name, list(i.dims), i.data_type) for i in config.input] == [("image", [32, 32, 3],
+                                                                            model_config_pb2.TYPE_FP32)]
+    assert config.output[0].name == "probabilities" and list(config.output[0].dims) == [3]
+    assert list(config.dynamic_batching.preferred_batch_size) == [4]
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    model_file = tmp_path / "triton" / best / "1" / "model.onnx"
+    assert model_file.read_bytes() == (exported / best / "model.onnx").read_bytes()
+    labels = (tmp_path / "triton" / best / config.output[0].label_filename).read_text().split()
+    assert labels == ["cat", "dog", "owl"]
+
+
+def test_serve_model_can_be_named_and_a_missing_one_is_an_error(tmp_path, exported, records):
+    metrics = run_serve(tmp_path, exported, records[3], "--model", "resnet50v2")
+    assert metrics["model"] == "resnet50v2"
+    config = text_format.Parse((tmp_path / "triton" / "resnet50v2" / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    assert [output.name for output in config.output] == ["probabilities", "features"]
+    only_one = tmp_path / "only"
+    shutil.copytree(exported / "resnet50v2", only_one / "resnet50v2")
+    from stages.cli import StageError
+
+    with pytest.raises(StageError, match="no bundle 'autokeras'"):
+        run_serve(tmp_path, only_one, records[3], "--model", "autokeras")
+
+
+def test_release_copies_the_bundle_and_dvc_adds_it(tmp_path, bundles, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(command, cwd=repo, check=True, capture_output=True)
+    shutil.copytree(bundles["cam"], repo / "build" / "serving")
+    monkeypatch.chdir(repo)
+    release.main([])
+    assert sorted(p.name for p in (repo / "model").iterdir()) == sorted(p.name for p in bundles["cam"].iterdir())
+    first = (repo / "model.dvc").read_text()
+    assert "path: model" in first
+    release.main([])  # releasing the same bundle again changes nothing
+    assert (repo / "model.dvc").read_text() == first
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "model.dvc"], cwd=repo, capture_output=True,
+                            text=True, check=True)
+    assert "up to date" in status.stdout
+    assert Bundle.load(repo / "model").labels == ["cat", "dog", "owl"]
+
+
+def test_release_without_a_bundle_is_a_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "stages.release", "--bundle", str(tmp_path / "none")],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1 and "not a serving bundle" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_predict_folder_lists_every_file_with_a_label_or_a_reason(tmp_path, bundles):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(images.rgb_png(1))
+    (folder / "sub" / "b.jpg").write_bytes(images.rgb_jpeg(2))
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_bytes(images.rgb_png(3)[:50])
+    out = tmp_path / "predictions.csv"
+    assert predict_folder.main([str(folder), "--bundle", str(bundles["cam"]), "--out", str(out),
+                                "--batch-size", "2"]) == 0
+    rows = {row["path"]: row for row in csv.DictReader(out.open())}
+    assert sorted(rows) == ["a.png", "broken.png", "notes.txt", "sub/b.jpg"]
+    assert rows["notes.txt"]["error"] == "not_an_image" and rows["broken.png"]["error"] == "not_an_image"
+    bundle = Bundle.load(bundles["cam"])
+    pixels, _ = bundle.preprocess(images.rgb_png(1))
+    probabilities = bundle.predict(pixels[None])[0][0]
+    assert rows["a.png"]["label"] == bundle.labels[int(probabilities.argmax())]
+    assert float(rows["a.png"]["confidence"]) == pytest.approx(float(probabilities.max()), abs=1e-6)
+    assert predict_folder.main([str(tmp_path / "nowhere"), "--bundle", str(bundles["cam"])]) == 2
+    assert predict_folder.main([str(folder), "--bundle", str(tmp_path)]) == 2

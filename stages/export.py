@@ -65,7 +65,7 @@ def class_activation_source(model):  # type: ignore[no-untyped-def]
     import keras
 
     layer = _producer(model.outputs[0])
-    if isinstance(layer, keras.layers.Activation):
+    if isinstance(layer, keras.layers.Activation | keras.layers.Softmax):  # AutoKeras' head ends in Softmax
         layer = _producer(layer.input)
     if not isinstance(layer, keras.layers.Dense):
         return None

@@ -16,7 +16,7 @@ from tools import demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = ["dvc.yaml", "dvc.lock", "params.yaml", "data.dvc", ".dvcignore", ".dvc/config", ".dvc/.gitignore",
-                  "stages", "serve", "tools"]
+                  ".gitignore", "stages", "serve", "tools"]
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -180,3 +180,101 @@ def test_changing_one_parameter_reruns_only_its_stage(tiny_repo):
     finally:
         (tiny_repo / "params.yaml").write_text(params)
     assert set(status) == {"train_resnet"}  # export and serve follow once it has run: their input changes
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.email=ci@example.com", "-c", "user.name=CI", *args], cwd=repo,
+                          check=True, capture_output=True, text=True).stdout
+
+
+def test_dag_chains_the_stages(tiny_repo):
+    edges = set()
+    for line in dvc(tiny_repo, "dag", "--dot").splitlines():
+        if "->" in line:
+            source, target = (part.strip().strip(";").strip('"') for part in line.split("->"))
+            edges.add((source, target))
+    assert {("download", "pack"), ("pack", "train_resnet"), ("pack", "train_automl"),
+            ("train_resnet", "export@resnet50v2"), ("train_automl", "export@autokeras"),
+            ("export@resnet50v2", "serve"), ("export@autokeras", "serve")} <= edges
+
+
+def workspace(repo: Path) -> dict[str, str]:
+    """sha256 of every file DVC tracks here (outputs, data, the released model)."""
+    import hashlib
+
+    return {p.relative_to(repo).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in ("data", "build/images", "build/tfrecords", "build/models", "build/onnx", "build/serving",
+                           "build/triton", "model") for p in sorted((repo / folder).rglob("*")) if p.is_file()}
+
+
+def test_push_clone_pull_reproduces_the_workspace_and_model_dvc_alone_serves(tiny_repo, tmp_path):
+    """Share through a local DVC remote: a clone pulls the same bytes, and a serving host needs
+    only `dvc pull model.dvc`."""
+    from serve.app import Settings, create_app
+    from serve.running import running
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run([sys.executable, "-m", "stages.release"], cwd=tiny_repo, env=env, check=True, capture_output=True)
+    dvc(tiny_repo, "add", "-q", "data")  # the trimmed demo data
+    dvc(tiny_repo, "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    git(tiny_repo, "add", "-A")
+    git(tiny_repo, "commit", "-q", "-m", "tiny pipeline")
+    assert "model.dvc" in git(tiny_repo, "ls-files").split()
+    assert all(name.endswith(".gitignore") for name in git(tiny_repo, "ls-files", "build").split())
+    dvc(tiny_repo, "push")
+
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(tiny_repo), str(clone))
+    dvc(clone, "pull")
+    assert workspace(clone) == workspace(tiny_repo)
+    assert "up to date" in dvc(clone, "status")
+
+    # DVC's artifact commands find the released model by its name in dvc.yaml and a version tag.
+    git(tiny_repo, "tag", "-a", "image-classifier@v0.1.0", "-m", "image-classifier v0.1.0")  # GTO: annotated tags
+    dvc(tmp_path, "artifacts", "get", str(tiny_repo), "image-classifier", "-o", str(tmp_path / "fetched"))
+    assert tree(tmp_path / "fetched") == tree(tiny_repo / "model")
+
+    host = tmp_path / "host"
+    git(tmp_path, "clone", "-q", str(tiny_repo), str(host))
+    dvc(host, "pull", "model.dvc")
+    assert {p.name for p in (host / "build").rglob("*") if p.is_file()} == {".gitignore"}  # no outputs pulled
+    assert tree(host / "model") == tree(tiny_repo / "model")
+    with running(create_app(Settings(bundle=host / "model"))) as url:
+        import httpx
+
+        image = next(p for p in sorted((tiny_repo / "build/images").rglob("*")) if p.is_file())
+        answer = httpx.post(url + "/predict", files={"image": (image.name, image.read_bytes())}).json()
+    assert answer["model"]["version"] == json.loads((tiny_repo / "model/metadata.json").read_text())["version"]
+
+
+def test_the_same_round_trip_through_an_s3_remote(tiny_repo, tmp_path, monkeypatch):
+    """dvc-s3 against moto's S3 server on loopback: the data, the TFRecords and the released model
+    (the trained .keras files are left out to keep the suite fast; they travel the same way)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    assert (tiny_repo / "model.dvc").is_file(), "runs after the local-remote round trip, which releases the model"
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="team-dvc")
+        clone = tmp_path / "clone"
+        git(tmp_path, "clone", "-q", str(tiny_repo), str(clone))
+        for repo in (tiny_repo, clone):
+            dvc(repo, "remote", "add", "-f", "s3", "s3://team-dvc/cache")
+            dvc(repo, "remote", "modify", "s3", "endpointurl", endpoint)
+        targets = ("data.dvc", "model.dvc", "download", "pack")
+        dvc(tiny_repo, "push", "-r", "s3", *targets)
+        keys = boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket="team-dvc")["KeyCount"]
+        assert keys > 0
+        dvc(clone, "pull", "-r", "s3", *targets)
+    finally:
+        server.stop()
+    wanted = ("data/", "build/images/", "build/tfrecords/", "model/")
+    assert {k: v for k, v in workspace(clone).items() if k.startswith(wanted)} == {
+        k: v for k, v in workspace(tiny_repo).items() if k.startswith(wanted)}

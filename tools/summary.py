@@ -9,6 +9,8 @@ from pathlib import Path
 DOWNLOAD = Path("reports/download/metrics.json")
 PACK = Path("reports/pack/metrics.json")
 TRAINERS = {"resnet50v2": Path("reports/train_resnet"), "autokeras": Path("reports/train_automl")}
+EXPORTS = Path("reports/export")
+SERVE = Path("reports/serve/metrics.json")
 
 
 def download_summary(path: Path = DOWNLOAD) -> str:
@@ -40,6 +42,22 @@ def train_summary(model: str, folder: Path) -> str:
             f"pictures in {folder / 'pictures'}/")
 
 
+def export_summary(model: str, path: Path) -> str:
+    report = json.loads(path.read_text())
+    parity = report["parity"]
+    maps = "class-activation maps" if report.get("class_activation_maps") else "no activation maps (flatten head)"
+    return (f"export {model}: ONNX parity on {parity['images']} val images, max |keras - onnx| "
+            f"{parity['max_abs_diff']:.1e}, top-1 agreement {parity['top1_agreement']:.3f}; {maps}; "
+            f"build/onnx/{model}/")
+
+
+def serve_summary(path: Path = SERVE) -> str:
+    report = json.loads(path.read_text())
+    return (f"serve: {report['model']} (version {report['version']}) answered {report['images']} val images over "
+            f"HTTP, accuracy {report['http_accuracy']:.3f} = offline {report['offline_accuracy']:.3f}; "
+            "build/serving/, Triton repository build/triton/")
+
+
 def main() -> None:
     if not DOWNLOAD.exists():
         sys.exit(f"summary: {DOWNLOAD} not found; run `dvc repro` first")
@@ -51,6 +69,11 @@ def main() -> None:
             print(train_summary(model, folder))
     if any((folder / "metrics.json").exists() for folder in TRAINERS.values()):
         print("compare: dvc metrics show | dvc plots show | python -m stages.compare")
+    for model in TRAINERS:
+        if (EXPORTS / model / "metrics.json").exists():
+            print(export_summary(model, EXPORTS / model / "metrics.json"))
+    if SERVE.exists():
+        print(serve_summary())
 
 
 if __name__ == "__main__":

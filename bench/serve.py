@@ -48,7 +48,7 @@ def build(size: int) -> tuple[Path, Path]:
         return keras_path, bundle
     from stages import export
     from stages.modelio import save_model
-    from stages.store import write_folder_atomic
+    from stages.store import sha256, write_folder_atomic
     from stages.training import build_resnet, seed_everything
 
     seed_everything(0)
@@ -56,14 +56,13 @@ def build(size: int) -> tuple[Path, Path]:
     model = build_resnet(size, classes)
     save_model(model, keras_path)
     exported, dense = export.serving_model(model, classes)
-    onnx_bytes = export.canonical(export.optimized(export.to_onnx(exported, size, 17).SerializeToString()))
-    buffer = io.BytesIO()
-    np.save(buffer, export.cam_kernel(dense, classes))
+    onnx_bytes = export.convert(exported, size, 17)
     labels = [str(i) for i in range(classes)]
-    metadata = {"name": "resnet50v2", "version": export.sha256(onnx_bytes)[:12], "metrics": {},
+    metadata = {"name": "resnet50v2", "version": sha256(onnx_bytes)[:12], "metrics": {},
                 "input": {"shape": ["batch", size, size, 3]}, "outputs": {}}
     write_folder_atomic(bundle, {
-        "model.onnx": onnx_bytes, "cam_weights.npy": buffer.getvalue(), "labels.json": json.dumps(labels).encode(),
+        "model.onnx": onnx_bytes, "cam_weights.npy": export.npy(export.cam_kernel(dense, classes)),
+        "labels.json": json.dumps(labels).encode(),
         "preprocess.json": json.dumps({"image_size": size, "pad_color": [0, 0, 0], "resample": "bilinear"}).encode(),
         "metadata.json": json.dumps(metadata).encode()})
     return keras_path, bundle

@@ -10,8 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_BUNDLES = (Path("model"), Path("build/serving"))
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n")[0])
@@ -36,10 +34,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def settings_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from serve.app import Settings
+    from serve.bundle import default_bundle
     from serve.remote import RemotePolicy
 
-    bundle = args.bundle or next((path for path in DEFAULT_BUNDLES if (path / "model.onnx").is_file()),
-                                 DEFAULT_BUNDLES[0])
+    bundle = args.bundle or default_bundle()
     remote = RemotePolicy.from_cidrs(args.allow_remote, args.remote_allow_cidr, max_bytes=args.max_body_bytes,
                                      timeout=args.remote_timeout)
     if args.path_root is not None and not args.path_root.is_dir():

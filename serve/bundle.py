@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,21 @@ import onnxruntime as ort
 from stages.imaging import Geometry, preprocess
 
 REQUIRED = ("model.onnx", "labels.json", "preprocess.json", "metadata.json")
+DEFAULT_BUNDLES = (Path("model"), Path("build/serving"))  # the release (`dvc pull model.dvc`), the last repro
 
 
 class BundleError(Exception):
     """The bundle folder is missing or incomplete; the message names the file."""
+
+
+def missing_files(folder: Path) -> list[str]:
+    """The bundle files ``folder`` lacks (all of them when it does not exist)."""
+    return [name for name in REQUIRED if not (folder / name).is_file()]
+
+
+def default_bundle() -> Path:
+    """model/ when a release was pulled, else build/serving/."""
+    return next((path for path in DEFAULT_BUNDLES if (path / "model.onnx").is_file()), DEFAULT_BUNDLES[0])
 
 
 @dataclass
@@ -34,11 +45,10 @@ class Bundle:
     metadata: dict[str, Any]
     session: ort.InferenceSession
     cam_weights: np.ndarray | None = None  # C x classes, when the model outputs ``features``
-    outputs: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, folder: Path, threads: int = 0) -> Bundle:
-        missing = [name for name in REQUIRED if not (folder / name).is_file()]
+        missing = missing_files(folder)
         if missing:
             raise BundleError(f"{folder}: not a serving bundle (missing {', '.join(missing)}); "
                               "run `dvc repro` (build/serving/) or `dvc pull model.dvc` (model/)")
@@ -59,7 +69,7 @@ class Bundle:
         cam = folder / "cam_weights.npy"
         cam_weights = np.load(cam, allow_pickle=False) if cam.is_file() and "features" in outputs else None
         return cls(folder, labels, int(prep["image_size"]), tuple(prep["pad_color"]), prep["resample"], metadata,
-                   session, cam_weights, outputs)
+                   session, cam_weights)
 
     @property
     def name(self) -> str:

@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from serve.__main__ import DEFAULT_BUNDLES
-from serve.bundle import Bundle, BundleError
+from serve.bundle import Bundle, BundleError, default_bundle
 from serve.errors import ApiError
 from serve.inputs import decode
 from stages.store import write_csv_atomic
@@ -75,9 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.folder.is_dir():
         print(f"predict_folder: error: {args.folder}: not a folder", file=sys.stderr)
         return 2
-    bundle_dir = args.bundle or next((p for p in DEFAULT_BUNDLES if (p / "model.onnx").is_file()), DEFAULT_BUNDLES[0])
     try:
-        bundle = Bundle.load(bundle_dir)
+        bundle = Bundle.load(args.bundle or default_bundle())
     except BundleError as exc:
         print(f"predict_folder: error: {exc}", file=sys.stderr)
         return 2

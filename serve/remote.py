@@ -66,7 +66,8 @@ def is_public(address: Address) -> bool:
 
 
 def allowed(address: Address, policy: RemotePolicy) -> bool:
-    candidates = [address] + ([embedded_ipv4(address)] if embedded_ipv4(address) else [])
+    inner = embedded_ipv4(address)
+    candidates = [address] if inner is None else [address, inner]
     if any(candidate in network for candidate in candidates for network in policy.allow
            if candidate.version == network.version):
         return True

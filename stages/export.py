@@ -16,7 +16,7 @@ top-1 agrees and no probability differs by more than ``export.max_abs_diff``.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import io
 import json
 import sys
 import tempfile
@@ -27,7 +27,7 @@ import numpy as np
 
 from stages import params as params_module
 from stages.cli import StageError, run
-from stages.store import write_folder_atomic, write_text_atomic
+from stages.store import sha256, write_folder_atomic, write_text_atomic
 
 NAME = "export"
 INPUT, PROBABILITIES, FEATURES = "image", "probabilities", "features"
@@ -244,6 +244,18 @@ def canonical(model_bytes: bytes) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
+def convert(exported, image_size: int, opset: int) -> bytes:  # type: ignore[no-untyped-def]
+    """The serving model as final ONNX bytes: converted, optimised, canonically named."""
+    return canonical(optimized(to_onnx(exported, image_size, opset).SerializeToString()))
+
+
+def npy(array: np.ndarray) -> bytes:
+    """``np.save`` bytes (no pickles, no timestamps: the same array gives the same bytes)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
 def session(model_bytes: bytes):  # type: ignore[no-untyped-def]
     import onnxruntime as ort
 
@@ -294,10 +306,6 @@ def images_per_second(sess, images: np.ndarray, batch_size: int, repeats: int = 
 # --- the stage ------------------------------------------------------------------------------
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = params_module.load_for(args)
@@ -330,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"{(size, size, 3)}: train and export on the same pack.image_size")
 
     exported, dense = serving_model(model, len(labels))
-    onnx_bytes = canonical(optimized(to_onnx(exported, size, p.opset).SerializeToString()))
+    onnx_bytes = convert(exported, size, p.opset)
 
     import onnx
 
@@ -375,11 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     files["preprocess.json"] = (json.dumps({"image_size": size, "pad_color": list(pack.pad_color),
                                             "resample": pack.resample}, indent=2) + "\n").encode()
     if dense is not None:
-        from io import BytesIO
-
-        buffer = BytesIO()
-        np.save(buffer, cam_kernel(dense, len(labels)), allow_pickle=False)
-        files["cam_weights.npy"] = buffer.getvalue()
+        files["cam_weights.npy"] = npy(cam_kernel(dense, len(labels)))
     outputs = {PROBABILITIES: ["batch", len(labels)]}
     if dense is not None:
         outputs[FEATURES] = ["batch", *exported.outputs[1].shape[1:]]

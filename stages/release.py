@@ -19,7 +19,6 @@ from stages.cli import StageError, run
 from stages.store import write_folder_atomic
 
 NAME = "release"
-BUNDLE_FILES = ("model.onnx", "labels.json", "preprocess.json", "metadata.json")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,7 +39,9 @@ def example_image() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    missing = [name for name in BUNDLE_FILES if not (args.bundle / name).is_file()]
+    from serve.bundle import missing_files
+
+    missing = missing_files(args.bundle)
     if missing:
         raise StageError(f"--bundle {args.bundle}: not a serving bundle (missing {', '.join(missing)}); "
                          "run `dvc repro` first")

@@ -84,8 +84,9 @@ def png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def check_over_http(bundle_dir: Path, images: np.ndarray, p) -> tuple[np.ndarray, list[float]]:  # type: ignore
-    """Every image through a real service on loopback: (probabilities in label order, latencies)."""
+def check_over_http(bundle_dir: Path, images: np.ndarray, p):  # type: ignore[no-untyped-def]
+    """Every image through a real service on loopback: (probabilities in label order, latencies,
+    the service's own loaded bundle)."""
     import httpx
 
     from serve.app import Settings, create_app
@@ -107,7 +108,8 @@ def check_over_http(bundle_dir: Path, images: np.ndarray, p) -> tuple[np.ndarray
 
         with ThreadPoolExecutor(CLIENTS) as pool:
             answers = list(pool.map(send, range(len(images))))
-    return np.array([scores for scores, _ in answers], dtype=np.float64), [seconds for _, seconds in answers]
+    probabilities = np.array([scores for scores, _ in answers], dtype=np.float64)
+    return probabilities, [seconds for _, seconds in answers], app.state.bundle
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,12 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     except DatasetError as exc:
         raise StageError(f"--records {args.records}: {exc}") from None
     started = time.perf_counter()
-    http_probs, latencies = check_over_http(args.out, images, p)
+    http_probs, latencies, bundle = check_over_http(args.out, images, p)
     seconds = time.perf_counter() - started
 
-    from serve.bundle import Bundle
-
-    direct, _ = Bundle.load(args.out).predict(images)
+    direct, _ = bundle.predict(images)
     http_accuracy = float(np.mean(http_probs.argmax(1) == y_true))
     offline = float(metadata["metrics"]["accuracy"])
     metrics = {

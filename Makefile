@@ -75,6 +75,7 @@ bench: $(STAMP) $(BENCH_STAMP)
 	$(RUN) python -m bench.input_pipeline --img2dataset $(BENCH_VENV)/bin/img2dataset
 	$(RUN) python -m bench.train
 	$(RUN) python -m bench.serve
+	$(RUN) python -m bench.summary --write README.md
 
 clean:
 	rm -rf .cache logs .pytest_cache

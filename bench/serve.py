@@ -102,32 +102,59 @@ def sample_images(count: int = 16) -> list[bytes]:
     return out
 
 
-async def load(url: str, concurrency: int, seconds: float, bodies: list[bytes]) -> dict:
-    """Closed loop: ``concurrency`` clients, each sending its next request as soon as one is answered."""
-    import httpx
+def multipart_request(port: int, body: bytes) -> bytes:
+    """A complete keep-alive ``POST /predict`` with ``body`` as multipart field ``image``."""
+    boundary = b"benchboundary7e3f"
+    payload = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n'
+               b"Content-Type: image/jpeg\r\n\r\n" + body + b"\r\n--" + boundary + b"--\r\n")
+    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary.decode()}\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    return head + payload
 
+
+async def load(port: int, concurrency: int, seconds: float, bodies: list[bytes]) -> dict:
+    """Closed loop: ``concurrency`` keep-alive connections, each sending its next request as soon
+    as one is answered. Requests are prebuilt bytes and answers are only framed, not parsed, so
+    the load generator costs little of the CPU it shares with the server (like wrk or hey)."""
+    requests = [multipart_request(port, body) for body in bodies]
     latencies: list[float] = []
     errors = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        for body in bodies[:2]:  # warm-up
-            await client.post("/predict", files={"image": ("x.jpg", body, "image/jpeg")})
-        deadline = time.perf_counter() + seconds
 
-        async def client_loop(k: int) -> None:
-            nonlocal errors
-            i = k
-            while time.perf_counter() < deadline:
-                started = time.perf_counter()
-                response = await client.post("/predict", files={"image": ("x.jpg", bodies[i % len(bodies)],
-                                                                           "image/jpeg")})
-                latencies.append(time.perf_counter() - started)
-                errors += response.status_code != 200
-                i += concurrency
+    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
+        writer.write(request)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = next(int(line.split(b":", 1)[1]) for line in head.lower().split(b"\r\n")
+                      if line.startswith(b"content-length:"))
+        await reader.readexactly(length)
+        return status
 
-        started = time.perf_counter()
-        await asyncio.gather(*(client_loop(k) for k in range(concurrency)))
-        elapsed = time.perf_counter() - started
+    async def connect(k: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await exchange(reader, writer, requests[k % len(requests)])  # warm-up, not counted
+        return reader, writer
+
+    async def client_loop(k: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, deadline: float) -> None:
+        nonlocal errors
+        i = k
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            status = await exchange(reader, writer, requests[i % len(requests)])
+            latencies.append(time.perf_counter() - started)
+            errors += status != 200
+            i += concurrency
+
+    connections = await asyncio.gather(*(connect(k) for k in range(concurrency)))
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(client_loop(k, *connection, started + seconds)
+                               for k, connection in enumerate(connections)))
+    finally:
+        for _, writer in connections:
+            writer.close()
+    elapsed = time.perf_counter() - started
     return {"images_per_second": len(latencies) / elapsed, "requests": len(latencies), "errors": errors,
             "p50_ms": 1000 * float(np.percentile(latencies, 50)), "p99_ms": 1000 * float(np.percentile(latencies, 99))}
 
@@ -155,7 +182,7 @@ def measure(name: str, command: list[str], port: int, seconds: float, bodies: li
     try:
         results = {}
         for concurrency in CONCURRENCY:
-            results[str(concurrency)] = asyncio.run(load(f"http://127.0.0.1:{port}", concurrency, seconds, bodies))
+            results[str(concurrency)] = asyncio.run(load(port, concurrency, seconds, bodies))
             r = results[str(concurrency)]
             print(f"{name} concurrency {concurrency:>2}: {r['images_per_second']:.1f} images/s, p50 "
                   f"{r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, {r['errors']} errors", flush=True)

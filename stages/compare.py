@@ -39,6 +39,11 @@ class RunRecord:
         return str(self.values.get("sys/name") or self.run_id[:8])
 
     @property
+    def experiment(self) -> str:
+        """The DVC experiment the run belongs to (`dvc exp show` lists it by this name), if any."""
+        return str(self.values.get("source/dvc_experiment", ""))
+
+    @property
     def tags(self) -> list[str]:
         return sorted(self.sets.get("sys/tags", set()))
 
@@ -120,8 +125,8 @@ def table(runs: list[RunRecord], sort: str | None, params: list[str]) -> str:
     metric_keys = sorted({key for metrics in finals.values() for key in metrics})
     param_keys = params or sorted({key for r in runs for key in r.values if key.startswith("parameters/")
                                    and len({str(o.values.get(key)) for o in runs}) > 1})
-    header = ["run", "id", "created", "tags", *param_keys, *metric_keys]
-    rows = [[r.name, r.run_id[:8], r.created[:19], ",".join(r.tags),
+    header = ["run", "id", "created", "experiment", "tags", *param_keys, *metric_keys]
+    rows = [[r.name, r.run_id[:8], r.created[:19], r.experiment, ",".join(r.tags),
              *(str(r.values.get(k, "")) for k in param_keys),
              *(f"{finals[r.run_id][k]:.4f}" if k in finals[r.run_id] else "" for k in metric_keys)] for r in runs]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]

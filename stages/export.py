@@ -207,6 +207,41 @@ def optimized(model_bytes: bytes) -> bytes:
         return Path(options.optimized_model_filepath).read_bytes()
 
 
+def without_identity_reshapes(model_bytes: bytes) -> bytes:
+    """Drop every Reshape whose target equals its input's inferred shape (batch left as -1).
+
+    tf2onnx's transpose optimiser leaves such no-op Reshapes where a feature map is 1 x 1, and
+    whether one of them survived conversion and optimisation varied between runs of the same
+    export (a byte-different ``model.onnx`` after ``dvc repro -f``, seen on a 32 px ResNet50V2).
+    Removing all of them gives one graph whichever way a run went, and a little less work."""
+    import onnx
+    from onnx import numpy_helper, shape_inference
+
+    model = onnx.load_from_string(model_bytes)
+    graph = model.graph
+    inferred = shape_inference.infer_shapes(model).graph
+    shapes = {value.name: [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+              for value in list(inferred.value_info) + list(inferred.input)}
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    outputs = {value.name for value in graph.output}
+    for node in [node for node in graph.node if node.op_type == "Reshape" and node.output[0] not in outputs]:
+        shape, target = shapes.get(node.input[0]), constants.get(node.input[1])
+        if not shape or target is None or shape[0] is not None or None in shape[1:]:
+            continue
+        if numpy_helper.to_array(target).tolist() != [-1, *shape[1:]]:
+            continue
+        for consumer in graph.node:
+            consumer.input[:] = [node.input[0] if name == node.output[0] else name for name in consumer.input]
+        graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input}
+    for tensor in [tensor for tensor in graph.initializer if tensor.name not in used]:
+        graph.initializer.remove(tensor)
+    produced = {name for node in graph.node for name in node.output}
+    for value in [value for value in graph.value_info if value.name not in produced]:
+        graph.value_info.remove(value)
+    return model.SerializeToString()
+
+
 def canonical(model_bytes: bytes) -> bytes:
     """The same graph with deterministic initializer names and order.
 
@@ -246,7 +281,7 @@ def canonical(model_bytes: bytes) -> bytes:
 
 def convert(exported, image_size: int, opset: int) -> bytes:  # type: ignore[no-untyped-def]
     """The serving model as final ONNX bytes: converted, optimised, canonically named."""
-    return canonical(optimized(to_onnx(exported, image_size, opset).SerializeToString()))
+    return canonical(without_identity_reshapes(optimized(to_onnx(exported, image_size, opset).SerializeToString())))
 
 
 def npy(array: np.ndarray) -> bytes:

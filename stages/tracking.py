@@ -1,7 +1,7 @@
 """Experiment tracking in Neptune, offline by default; tracking trouble never stops training.
 
 The hosted neptune.ai app shut down in March 2026, so runs are recorded in Neptune's offline
-mode (``.neptune/offline/`` under the working directory) unless ``NEPTUNE_MODE`` says otherwise
+mode (``.neptune/offline/`` at the repository root, see :func:`data_directory`) unless ``NEPTUNE_MODE`` says otherwise
 (async, sync, offline, debug); ``NEPTUNE_PROJECT`` and ``NEPTUNE_API_TOKEN`` are passed on when
 set, for a self-hosted Neptune server. ``python -m stages.compare`` reads the offline runs back.
 
@@ -27,6 +27,15 @@ def neptune_mode() -> str:
     return os.environ.get("NEPTUNE_MODE", "offline")
 
 
+def data_directory() -> Path:
+    """Where offline runs are written: NEPTUNE_DATA_DIRECTORY when set, else ``.neptune`` at the
+    root of the DVC repository running the stage (DVC_ROOT: queued ``dvc exp run`` executes in a
+    temporary copy, and its runs would vanish with it), else ``.neptune`` here."""
+    if os.environ.get("NEPTUNE_DATA_DIRECTORY"):
+        return Path(os.environ["NEPTUNE_DATA_DIRECTORY"])
+    return Path(os.environ.get("DVC_ROOT", ".")) / ".neptune"
+
+
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dicts to 'a/b' keys; values Neptune cannot store (None, lists) become strings."""
     flat: dict[str, Any] = {}
@@ -39,6 +48,19 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[path] = str(value)
     return flat
+
+
+def _init_run(neptune, **kwargs):  # type: ignore[no-untyped-def]
+    """neptune.init_run with the data directory chosen here (the client reads it from the environment)."""
+    before = os.environ.get("NEPTUNE_DATA_DIRECTORY")
+    os.environ["NEPTUNE_DATA_DIRECTORY"] = str(data_directory())
+    try:
+        return neptune.init_run(**kwargs)
+    finally:
+        if before is None:
+            os.environ.pop("NEPTUNE_DATA_DIRECTORY")
+        else:
+            os.environ["NEPTUNE_DATA_DIRECTORY"] = before
 
 
 class Tracker:
@@ -54,7 +76,8 @@ class Tracker:
                 raise ValueError(f"NEPTUNE_MODE={mode!r} is not one of {sorted(MODES)}")
             import neptune
 
-            self.run = neptune.init_run(
+            self.run = _init_run(
+                neptune,
                 project=os.environ.get("NEPTUNE_PROJECT", DEFAULT_PROJECT),
                 api_token=os.environ.get("NEPTUNE_API_TOKEN"),
                 mode=mode, name=name, description=description, tags=tags or [],
@@ -63,6 +86,8 @@ class Tracker:
             )
         except Exception as exc:  # a tracker that cannot start must not stop training
             self._fail(exc)
+        if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`: `dvc exp show` lists this run by that name
+            self.set("source/dvc_experiment", os.environ["DVC_EXP_NAME"])
 
     @property
     def active(self) -> bool:

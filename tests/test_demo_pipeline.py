@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -16,7 +18,7 @@ from tools import demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = ["dvc.yaml", "dvc.lock", "params.yaml", "data.dvc", ".dvcignore", ".dvc/config", ".dvc/.gitignore",
-                  ".gitignore", "stages", "serve", "tools"]
+                  ".gitignore", "stages", "serve", "tools", "notebooks"]
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -278,3 +280,53 @@ def test_the_same_round_trip_through_an_s3_remote(tiny_repo, tmp_path, monkeypat
     wanted = ("data/", "build/images/", "build/tfrecords/", "model/")
     assert {k: v for k, v in workspace(clone).items() if k.startswith(wanted)} == {
         k: v for k, v in workspace(tiny_repo).items() if k.startswith(wanted)}
+
+
+def test_experiments_are_listed_by_dvc_and_by_compare(tiny_repo):
+    """A learning-rate sweep as DVC experiments (up to the trainer, as one does before exporting
+    the winner): `dvc exp show` lists both models' metrics for each, `dvc plots diff` draws them
+    together, and `stages.compare` finds the same runs in Neptune's offline data by name."""
+    rates = {"lr-high": "0.003", "lr-low": "0.0003"}
+    for name, rate in rates.items():
+        dvc(tiny_repo, "exp", "run", "train_resnet", "-n", name, "-S", f"train.resnet.learning_rate={rate}")
+
+    shown = {row["Experiment"]: row for row in csv.DictReader(io.StringIO(dvc(tiny_repo, "exp", "show", "--csv")))}
+    assert set(rates) <= set(shown)
+    for name, rate in rates.items():
+        row = shown[name]
+        assert float(row["train.resnet.learning_rate"]) == float(rate)
+        for metrics in ("reports/train_resnet/metrics.json", "reports/train_automl/metrics.json"):
+            assert 0 <= float(row[f"{metrics}:accuracy"]) <= 1, (name, metrics)
+
+    dvc(tiny_repo, "plots", "diff", *rates, "-o", str(tiny_repo / "exp-plots"))
+    page = (tiny_repo / "exp-plots" / "index.html").read_text()
+    assert all(name in page for name in rates) and "Loss per epoch" in page
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    table = subprocess.run([sys.executable, "-m", "stages.compare", "--params",
+                            "parameters/train/resnet/learning_rate"],
+                           cwd=tiny_repo, env=env, capture_output=True, text=True, check=True).stdout
+    rows = [line.split() for line in table.splitlines()[2:]]
+    by_experiment = {row[3]: row for row in rows if row[0] == "resnet50v2" and row[3] in rates}
+    assert set(by_experiment) == set(rates), table
+    for name, rate in rates.items():
+        assert float(by_experiment[name][5]) == float(rate), table
+
+    dvc(tiny_repo, "exp", "apply", "lr-high")  # keep the winner (then `dvc repro` exports it)
+    assert "learning_rate: 0.003" in (tiny_repo / "params.yaml").read_text()
+    applied = json.loads((tiny_repo / "reports/train_resnet/metrics.json").read_text())["accuracy"]
+    assert applied == pytest.approx(float(shown["lr-high"]["reports/train_resnet/metrics.json:accuracy"]), abs=1e-4)
+    assert "reports/train_resnet/metrics.json" in dvc(tiny_repo, "metrics", "diff", "--all")  # against HEAD
+
+
+@pytest.mark.parametrize("notebook", ["1_dataset", "2_experiments", "3_error_analysis"])
+def test_notebooks_run_against_the_pipeline_outputs(tiny_repo, notebook):
+    import nbclient
+    import nbformat
+
+    path = tiny_repo / "notebooks" / f"{notebook}.ipynb"
+    executed = nbclient.NotebookClient(nbformat.read(path, as_version=4), timeout=300, kernel_name="python3",
+                                       resources={"metadata": {"path": str(path.parent)}}).execute()
+    outputs = [output for cell in executed.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert not [output for output in outputs if output.output_type == "error"]
+    assert any("image/png" in output.get("data", {}) for output in outputs)  # its pictures were drawn

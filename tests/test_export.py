@@ -143,3 +143,30 @@ def test_failed_parity_and_bad_models_are_one_line_errors_and_leave_no_bundle(bu
     no_records = cli("--params", str(params), "--model", str(model), "--records", str(tmp_path / "none"),
                      "--out", str(out))
     assert no_records.returncode == 1 and "--records" in no_records.stderr and "Traceback" not in no_records.stderr
+
+
+def test_identity_reshapes_are_dropped_and_nothing_else_changes():
+    """The no-op Reshapes tf2onnx leaves on 1 x 1 maps go (they made exports differ between
+    runs); a Reshape that changes the shape stays, and the outputs are the same."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from stages.export import without_identity_reshapes
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 1, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1, 1, 4])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]),
+         helper.make_node("Reshape", ["r", "same"], ["noop"]),  # [-1, 4, 1, 1] of a [batch, 4, 1, 1]
+         helper.make_node("Reshape", ["noop", "nhwc"], ["y"])],
+        "g", [x], [y],
+        [numpy_helper.from_array(np.array([-1, 4, 1, 1], np.int64), "same"),
+         numpy_helper.from_array(np.array([-1, 1, 1, 4], np.int64), "nhwc")])
+    before = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+    after = onnx.load_from_string(without_identity_reshapes(before))
+    assert [(node.op_type, list(node.input)) for node in after.graph.node] == [("Relu", ["x"]),
+                                                                              ("Reshape", ["r", "nhwc"])]
+    assert [tensor.name for tensor in after.graph.initializer] == ["nhwc"]
+    pixels = np.random.default_rng(0).normal(size=(3, 4, 1, 1)).astype(np.float32)
+    run = [ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": pixels})[0]
+           for model in (before, after.SerializeToString())]
+    np.testing.assert_array_equal(run[0], run[1])

@@ -15,7 +15,8 @@ from stages.tracking import Tracker
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("NEPTUNE_MODE", raising=False)
-    monkeypatch.delenv("NEPTUNE_API_TOKEN", raising=False)
+    for name in ("NEPTUNE_API_TOKEN", "NEPTUNE_DATA_DIRECTORY", "DVC_ROOT", "DVC_EXP_NAME"):
+        monkeypatch.delenv(name, raising=False)
     return tmp_path
 
 
@@ -46,13 +47,29 @@ def test_offline_runs_are_replayed_and_compared(workdir, capsys):
     capsys.readouterr()  # Neptune's own log lines so far
     compare.main(["--sort", "metrics/macro_f1", "--chart", "curves.html"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:4] == ["run", "id", "created", "tags"]
+    assert lines[0].split()[:5] == ["run", "id", "created", "experiment", "tags"]
     assert "parameters/optimizer/lr" in lines[0] and "metrics/macro_f1" in lines[0]
     assert "parameters/head" not in lines[0]  # the same in every run: not a difference worth a column
     assert lines[2].startswith("fast") and "0.9300" in lines[2]
     assert lines[3].startswith("slow") and "0.7100" in lines[3]
     html = (workdir / "curves.html").read_text()
     assert "data:image/png;base64," in html and "fast" in html
+
+
+def test_runs_of_dvc_experiments_land_in_the_repository_and_carry_the_experiment_name(workdir, monkeypatch, capsys):
+    # What `dvc exp run` sets; a queued experiment runs in a temporary copy of the repository.
+    repo, executor = workdir / "repo", workdir / "executor"
+    executor.mkdir()
+    monkeypatch.chdir(executor)
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-sweep-1")
+    record_run("resnet50v2", 0.01, [1.0], 0.5)
+    assert not (executor / ".neptune").exists()
+    (run,) = compare.find_runs(repo / ".neptune")
+    assert run.experiment == "lr-sweep-1"
+    capsys.readouterr()
+    compare.main(["--neptune-dir", str(repo / ".neptune")])
+    assert capsys.readouterr().out.splitlines()[2].split()[3] == "lr-sweep-1"
 
 
 def test_compare_without_runs_is_a_clear_error(workdir):

@@ -71,14 +71,14 @@ def test_outputs_metrics_plots_pictures_and_neptune_run(tmp_path, monkeypatch, r
     assert len(runs[0].values["data/version"]) == 64
 
 
-def test_two_classes_train_a_sigmoid_head_bit_identically(tmp_path, monkeypatch, records):
+def test_two_classes_train_a_sigmoid_head(tmp_path, monkeypatch, records):
+    # Bit-identical reruns are proven across processes by `dvc repro -f` in test_demo_pipeline.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NEPTUNE_MODE", "debug")  # nothing written; tracking still exercised
-    first, second = (train(tmp_path, records[2], name, "--epochs", "1") for name in ("first", "second"))
-    assert json.loads((first / "reports" / "metrics.json").read_text())["head"] == "sigmoid"
-    assert (first / "model" / "model.keras").read_bytes() == (second / "model" / "model.keras").read_bytes()
-    for name in ("metrics.json", "history.csv", "confusion.csv"):
-        assert (first / "reports" / name).read_bytes() == (second / "reports" / name).read_bytes()
+    out = train(tmp_path, records[2], "run", "--epochs", "1")
+    metrics = json.loads((out / "reports" / "metrics.json").read_text())
+    assert metrics["head"] == "sigmoid" and 0 <= metrics["accuracy"] <= 1
+    assert keras.models.load_model(out / "model" / "model.keras").output_shape == (None, 1)
 
 
 def test_bad_records_and_a_head_that_cannot_fit_are_clear_errors(tmp_path, records):

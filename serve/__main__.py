@@ -22,7 +22,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-queue", type=int, default=256, help="waiting images before 503 + Retry-After")
     parser.add_argument("--max-body-bytes", type=int, default=20_000_000, help="larger requests get 413")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="larger images get 422")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per batch (0: one per core)")
+    parser.add_argument("--workers", type=int, default=1, help="batches run at once")
     parser.add_argument("--allow-remote", action="store_true", help='accept {"url": ...} (public addresses only)')
     parser.add_argument("--remote-allow-cidr", action="append", default=[], metavar="CIDR",
                         help="also allow fetching from this range (repeatable), e.g. 10.0.0.0/8")
@@ -44,7 +45,7 @@ def settings_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise ValueError(f"--path-root {args.path_root}: not a folder")
     return Settings(bundle=bundle, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                     max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, remote=remote,
-                    path_root=args.path_root, threads=args.threads)
+                    path_root=args.path_root, threads=args.threads, workers=args.workers)
 
 
 def main(argv: list[str] | None = None) -> int:

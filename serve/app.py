@@ -53,7 +53,8 @@ class Settings:
     max_batch_images: int = 64  # images in one /predict/batch request
     remote: RemotePolicy = field(default_factory=RemotePolicy)
     path_root: Path | None = None
-    threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per core
+    threads: int = 0  # ONNX Runtime intra-op threads per batch; 0 = one per core
+    workers: int = 1  # batches run at once (each on `threads` threads)
 
 
 # --- response models (also the OpenAPI schema schemathesis checks the service against) ---------
@@ -191,7 +192,7 @@ class Timing:
 
 
 def create_app(settings: Settings, bundle: Bundle | None = None) -> FastAPI:
-    bundle = bundle or Bundle.load(settings.bundle, settings.threads)
+    bundle = bundle or Bundle.load(settings.bundle, settings.threads, spin=False)
     metrics = Metrics()
     state: dict = {}
 
@@ -201,7 +202,8 @@ def create_app(settings: Settings, bundle: Bundle | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
-        batcher = Batcher(bundle.predict, settings.max_batch, settings.max_wait_ms, settings.max_queue, on_batch)
+        batcher = Batcher(bundle.predict, settings.max_batch, settings.max_wait_ms, settings.max_queue, on_batch,
+                          settings.workers)
         batcher.start()
         metrics.queue_depth.set_function(lambda: batcher.depth)
         state["batcher"] = batcher
@@ -244,12 +246,13 @@ def create_app(settings: Settings, bundle: Bundle | None = None) -> FastAPI:
         raise unsupported(ctype)
 
     async def predict_bytes(data: bytes, with_features: bool = False):  # type: ignore[no-untyped-def]
-        original, pixels, geometry = await asyncio.to_thread(
-            decode, data, bundle.image_size, bundle.pad_color, bundle.resample, settings.max_pixels)
         batcher: Batcher | None = state.get("batcher")
         if batcher is None:
             raise ApiError(503, "not_ready", "the service is starting or stopping", {"Retry-After": "1"})
-        try:
+        with batcher.coming():
+            original, pixels, geometry = await asyncio.to_thread(
+                decode, data, bundle.image_size, bundle.pad_color, bundle.resample, settings.max_pixels)
+        try:  # no await between leaving `coming` and queueing: the batcher never misses this image
             probabilities, features = await batcher.submit(pixels, with_features)
         except QueueFull as exc:
             raise ApiError(503, "overloaded", f"too many images waiting ({exc}); retry shortly",

@@ -1,8 +1,10 @@
 """Dynamic batching: concurrent requests share one ONNX Runtime call.
 
-A request puts its preprocessed image on a bounded queue and awaits a future. One worker task
-takes the first waiting image, gathers more until ``max_batch`` or ``max_wait_ms`` after the
-first, and runs the batch in a thread (ONNX Runtime releases the GIL), so the event loop keeps
+A request announces itself while its image is decoded (``coming``), then puts the preprocessed
+image on a bounded queue and awaits a future. A worker task takes the first waiting image,
+gathers more until ``max_batch`` or ``max_wait_ms`` after the first, but waits only while other
+images are on their way: a lone request runs at once instead of waiting for company that is not
+coming. The batch runs in a thread (ONNX Runtime releases the GIL), so the event loop keeps
 accepting requests meanwhile. A full queue is refused at once (the caller answers 503).
 """
 
@@ -10,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,27 +35,41 @@ RunBatch = Callable[[np.ndarray, bool], tuple[np.ndarray, np.ndarray | None]]
 
 class Batcher:
     def __init__(self, run_batch: RunBatch, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, workers: int = 1) -> None:
         self.run_batch = run_batch
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
         self.on_batch = on_batch or (lambda size: None)
-        self._worker: asyncio.Task | None = None
+        self.workers = workers  # batches in flight at once
+        self._tasks: list[asyncio.Task] = []
+        self._coming = 0  # images being decoded that will be submitted next
+
+    @contextmanager
+    def coming(self) -> Iterator[None]:
+        """Wrap the decoding of an image that will be submitted: batches wait for it."""
+        self._coming += 1
+        try:
+            yield
+        finally:
+            self._coming -= 1
 
     @property
     def depth(self) -> int:
         return self.queue.qsize()
 
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._work(), name="batcher")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._work(), name=f"batcher-{i}") for i in range(self.workers)]
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             try:
-                await self._worker
+                await task
             except asyncio.CancelledError:
                 pass
+        self._tasks = []
         while not self.queue.empty():  # nobody will answer these: fail them rather than hang
             item = self.queue.get_nowait()
             if not item.future.done():
@@ -76,6 +93,8 @@ class Batcher:
                 continue
             except asyncio.QueueEmpty:
                 pass
+            if not self._coming:  # nobody else is on the way: waiting would only add latency
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

@@ -47,7 +47,10 @@ class Bundle:
     cam_weights: np.ndarray | None = None  # C x classes, when the model outputs ``features``
 
     @classmethod
-    def load(cls, folder: Path, threads: int = 0) -> Bundle:
+    def load(cls, folder: Path, threads: int = 0, spin: bool = True) -> Bundle:
+        """``threads``: ONNX Runtime's intra-op threads (0: one per core). ``spin``: whether they
+        busy-wait for work between operators, which is fastest when they have the cores to
+        themselves and slower when other threads (decoding, HTTP) need the same cores."""
         missing = missing_files(folder)
         if missing:
             raise BundleError(f"{folder}: not a serving bundle (missing {', '.join(missing)}); "
@@ -61,6 +64,7 @@ class Bundle:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
             session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types

@@ -1,9 +1,10 @@
 """Experiment tracking in Neptune, offline by default; tracking trouble never stops training.
 
 The hosted neptune.ai app shut down in March 2026, so runs are recorded in Neptune's offline
-mode (``.neptune/offline/`` at the repository root, see :func:`data_directory`) unless ``NEPTUNE_MODE`` says otherwise
-(async, sync, offline, debug); ``NEPTUNE_PROJECT`` and ``NEPTUNE_API_TOKEN`` are passed on when
-set, for a self-hosted Neptune server. ``python -m stages.compare`` reads the offline runs back.
+mode (``.neptune/offline/`` at the repository root, see :func:`data_directory`) unless
+``NEPTUNE_MODE`` says otherwise (async, sync, offline, debug); ``NEPTUNE_PROJECT`` and
+``NEPTUNE_API_TOKEN`` are passed on when set, for a self-hosted Neptune server.
+``python -m stages.compare`` reads the offline runs back.
 
 Layout of a run, which ``stages.compare`` relies on:
 ``parameters/...`` the training parameters, ``data/version`` the dataset hash, ``train/<name>``

@@ -90,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.write:
         print(block)
         return 0
-    text = args.write.read_text()
+    try:
+        text = args.write.read_text()
+    except OSError as exc:
+        print(f"{args.write}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     if START not in text or END not in text:
         print(f"{args.write}: no {START} ... {END} markers to replace", file=sys.stderr)
         return 1

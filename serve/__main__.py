@@ -10,24 +10,27 @@ import argparse
 import sys
 from pathlib import Path
 
+from stages.cli import at_least
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, default=None,
                         help="serving bundle (default: model/, else build/serving/)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch", type=int, default=32, help="images per ONNX Runtime call")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
-    parser.add_argument("--max-queue", type=int, default=256, help="waiting images before 503 + Retry-After")
-    parser.add_argument("--max-body-bytes", type=int, default=20_000_000, help="larger requests get 413")
-    parser.add_argument("--max-pixels", type=int, default=40_000_000, help="larger images get 422")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per batch (0: one per core)")
-    parser.add_argument("--workers", type=int, default=1, help="batches run at once")
+    parser.add_argument("--port", type=at_least(0), default=8000)
+    parser.add_argument("--max-batch", type=at_least(1), default=32, help="images per ONNX Runtime call")
+    parser.add_argument("--max-wait-ms", type=at_least(0, float), default=5.0, help="how long a batch waits to fill")
+    parser.add_argument("--max-queue", type=at_least(1), default=256, help="waiting images before 503 + Retry-After")
+    parser.add_argument("--max-body-bytes", type=at_least(1), default=20_000_000, help="larger requests get 413")
+    parser.add_argument("--max-pixels", type=at_least(1), default=40_000_000, help="larger images get 422")
+    parser.add_argument("--threads", type=at_least(0), default=0,
+                        help="ONNX Runtime threads per batch (0: one per core)")
+    parser.add_argument("--workers", type=at_least(1), default=1, help="batches run at once")
     parser.add_argument("--allow-remote", action="store_true", help='accept {"url": ...} (public addresses only)')
     parser.add_argument("--remote-allow-cidr", action="append", default=[], metavar="CIDR",
                         help="also allow fetching from this range (repeatable), e.g. 10.0.0.0/8")
-    parser.add_argument("--remote-timeout", type=float, default=10.0, help="seconds per URL fetch")
+    parser.add_argument("--remote-timeout", type=at_least(0.001, float), default=10.0, help="seconds per URL fetch")
     parser.add_argument("--path-root", type=Path, default=None, help='accept {"path": ...} for files under DIR')
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)

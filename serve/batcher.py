@@ -36,6 +36,10 @@ RunBatch = Callable[[np.ndarray, bool], tuple[np.ndarray, np.ndarray | None]]
 class Batcher:
     def __init__(self, run_batch: RunBatch, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256,
                  on_batch: Callable[[int], None] | None = None, workers: int = 1) -> None:
+        # No workers or empty batches would never answer; asyncio reads a queue size of 0 as unbounded.
+        if max_batch < 1 or workers < 1 or max_queue < 1:
+            raise ValueError(f"max_batch, workers and max_queue must be at least 1 (got {max_batch}, {workers}, "
+                             f"{max_queue})")
         self.run_batch = run_batch
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)

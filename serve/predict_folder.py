@@ -19,6 +19,7 @@ from tqdm import tqdm
 from serve.bundle import Bundle, BundleError, default_bundle
 from serve.errors import ApiError
 from serve.inputs import decode
+from stages.cli import at_least
 from stages.store import write_csv_atomic
 
 
@@ -28,9 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="CSV to write (default: print to stdout)")
     parser.add_argument("--bundle", type=Path, default=None,
                         help="serving bundle (default: model/, else build/serving/)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-pixels", type=int, default=40_000_000)
-    parser.add_argument("--threads", type=int, default=4, help="reading/decoding threads")
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
+    parser.add_argument("--max-pixels", type=at_least(1), default=40_000_000)
+    parser.add_argument("--threads", type=at_least(1), default=4, help="reading/decoding threads")
     return parser.parse_args(argv)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
 from serve.batcher import Batcher
 
@@ -85,3 +86,9 @@ def test_several_workers_run_batches_at_once():
         return most
 
     assert asyncio.run(scenario()) == 2
+
+
+@pytest.mark.parametrize("settings", [{"workers": 0}, {"max_batch": 0}, {"max_queue": 0}])
+def test_settings_that_would_never_answer_or_never_refuse_are_refused(settings):
+    with pytest.raises(ValueError, match="must be at least 1"):
+        Batcher(run_batch, **settings)

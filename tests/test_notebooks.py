@@ -29,3 +29,10 @@ def test_the_check_catches_outputs_and_strip_removes_only_them(tmp_path, capsys)
     assert notebooks.main(["--strip", str(run)]) == 0
     assert notebooks.main([str(run)]) == 0
     assert json.loads(run.read_text()) == json.loads(source.read_text())
+
+
+def test_a_missing_or_broken_notebook_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "broken.ipynb").write_text("{not json")
+    for name in ("missing.ipynb", "broken.ipynb"):
+        assert notebooks.main([str(tmp_path / name)]) == 2
+        assert f"{name}: not a readable notebook" in capsys.readouterr().err

@@ -41,6 +41,16 @@ def test_the_benchmark_table_is_the_one_the_results_files_give():
         "README's benchmark table differs from bench/results/: run `python -m bench.summary --write README.md`")
 
 
+def test_the_table_writer_refuses_a_file_without_markers_or_no_file(tmp_path, capsys):
+    plain = tmp_path / "plain.md"
+    plain.write_text("# no table here\n")
+    assert summary.main(["--write", str(plain)]) == 1
+    assert "no <!-- bench-summary:start -->" in capsys.readouterr().err
+    assert plain.read_text() == "# no table here\n"
+    assert summary.main(["--write", str(tmp_path / "missing.md")]) == 1
+    assert "missing.md" in capsys.readouterr().err
+
+
 def test_every_command_is_known():
     kinds = {command.split()[0] for command in commands()}
     assert kinds <= {"make", "python", "dvc", *ELSEWHERE}, kinds

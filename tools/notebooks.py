@@ -1,6 +1,6 @@
 """Keep notebooks/ stored without outputs (they are executed by the tests, not read from git).
 
-    python -m tools.notebooks            list notebooks holding outputs; exit 1 if any
+    python -m tools.notebooks            list notebooks holding outputs; exit 1 if any, 2 if one is unreadable
     python -m tools.notebooks --strip    remove outputs, execution counts and run metadata in place
 """
 
@@ -42,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dirty = 0
     for path in args.paths or notebooks():
-        notebook = json.loads(path.read_text(encoding="utf-8"))
-        cells = dirty_cells(notebook)
+        try:
+            notebook = json.loads(path.read_text(encoding="utf-8"))
+            cells = dirty_cells(notebook)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"{path}: not a readable notebook ({type(exc).__name__}: {exc})", file=sys.stderr)
+            return 2
         if cells and args.strip:
             path.write_text(json.dumps(strip(notebook), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
             print(f"{path}: stripped {len(cells)} cells")

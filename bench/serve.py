@@ -77,17 +77,20 @@ RAW_CONFIGS = {"default threads, spinning": (0, True, 1), "default threads, no s
                "1 thread, one run per core": (1, False, os.cpu_count() or 1)}
 
 
-def images_per_second(model, pixels: np.ndarray, runs: int, seconds: float) -> float:  # type: ignore[no-untyped-def]
-    """``runs`` threads calling ``model.predict(pixels)`` back to back for ``seconds``."""
+def images_per_second(model, size: int, batch: int, runs: int, seconds: float) -> float:  # type: ignore[no-untyped-def]
+    """``runs`` threads calling ``model.predict`` on a batch of random images back to back for ``seconds``
+    (after one warm-up call)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    pixels = np.random.default_rng(batch).integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8)
+    model.predict(pixels)
     deadline = time.perf_counter() + seconds
 
     def loop(_: int) -> int:
         done = 0
         while time.perf_counter() < deadline:
             model.predict(pixels)
-            done += len(pixels)
+            done += batch
         return done
 
     started = time.perf_counter()
@@ -96,31 +99,24 @@ def images_per_second(model, pixels: np.ndarray, runs: int, seconds: float) -> f
     return done / (time.perf_counter() - started)
 
 
-def raw_onnx(bundle: Path, size: int, seconds: float) -> dict[str, dict[int, float]]:
-    """images/s of ONNX Runtime alone, per configuration and batch size."""
-    from serve.bundle import Bundle
-
-    rng = np.random.default_rng(0)
-    speeds: dict[str, dict[int, float]] = {}
-    for name, (threads, spin, runs) in RAW_CONFIGS.items():
-        model = Bundle.load(bundle, threads, spin=spin)
-        speeds[name] = {}
-        for batch in (1, 4, 8, 16, 32):
-            pixels = rng.integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8)
-            model.predict(pixels)  # warm-up
-            speeds[name][batch] = images_per_second(model, pixels, runs, seconds / 5)
-            print(f"raw onnxruntime, {name}, batch {batch:>2}: {speeds[name][batch]:.1f} images/s", flush=True)
-    return speeds
-
-
-def remeasure(bundle: Path, size: int, seconds: float, config: str, batch: int) -> float:
+def raw_session(bundle: Path, config: str):  # type: ignore[no-untyped-def]
+    """The bundle loaded in one of RAW_CONFIGS, and how many runs to make at once."""
     from serve.bundle import Bundle
 
     threads, spin, runs = RAW_CONFIGS[config]
-    model = Bundle.load(bundle, threads, spin=spin)
-    pixels = np.random.default_rng(0).integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8)
-    model.predict(pixels)
-    return images_per_second(model, pixels, runs, seconds)
+    return Bundle.load(bundle, threads, spin=spin), runs
+
+
+def raw_onnx(bundle: Path, size: int, seconds: float) -> dict[str, dict[int, float]]:
+    """images/s of ONNX Runtime alone, per configuration and batch size."""
+    speeds: dict[str, dict[int, float]] = {}
+    for config in RAW_CONFIGS:
+        model, runs = raw_session(bundle, config)
+        speeds[config] = {}
+        for batch in (1, 4, 8, 16, 32):
+            speeds[config][batch] = images_per_second(model, size, batch, runs, seconds / 5)
+            print(f"raw onnxruntime, {config}, batch {batch:>2}: {speeds[config][batch]:.1f} images/s", flush=True)
+    return speeds
 
 
 def sample_images(count: int = 16) -> list[bytes]:
@@ -248,7 +244,8 @@ def main() -> None:
     best_config, best_batch = max(((name, batch) for name in raw for batch in raw[name]),
                                   key=lambda key: raw[key[0]][key[1]])
     # Measured again on its own: the highest of fifteen short noisy measurements overstates it.
-    ceiling = remeasure(bundle, args.image_size, args.seconds, best_config, best_batch)
+    model, runs = raw_session(bundle, best_config)
+    ceiling = images_per_second(model, args.image_size, best_batch, runs, args.seconds)
     print(f"raw onnxruntime, {best_config}, batch {best_batch} again for {args.seconds:g} s: {ceiling:.1f} images/s")
     bodies = sample_images()
     port = free_port()

@@ -62,11 +62,14 @@ def repo(tmp_path_factory) -> Path:
     return repo
 
 
+def venv_env() -> dict[str, str]:
+    """The environment with this interpreter's bin/ first on PATH (dvc.yaml's `python`, `dvc`)."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
 def dvc(repo: Path, *args: str) -> str:
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run([str(bin_dir / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=repo, env=venv_env(),
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
@@ -215,8 +218,8 @@ def test_push_clone_pull_reproduces_the_workspace_and_model_dvc_alone_serves(tin
     from serve.app import Settings, create_app
     from serve.running import running
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    subprocess.run([sys.executable, "-m", "stages.release"], cwd=tiny_repo, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "stages.release"], cwd=tiny_repo, env=venv_env(), check=True,
+                   capture_output=True)
     dvc(tiny_repo, "add", "-q", "data")  # the trimmed demo data
     dvc(tiny_repo, "remote", "add", "-d", "shared", str(tmp_path / "remote"))
     git(tiny_repo, "add", "-A")
@@ -302,10 +305,9 @@ def test_experiments_are_listed_by_dvc_and_by_compare(tiny_repo):
     page = (tiny_repo / "exp-plots" / "index.html").read_text()
     assert all(name in page for name in rates) and "Loss per epoch" in page
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     table = subprocess.run([sys.executable, "-m", "stages.compare", "--params",
                             "parameters/train/resnet/learning_rate"],
-                           cwd=tiny_repo, env=env, capture_output=True, text=True, check=True).stdout
+                           cwd=tiny_repo, env=venv_env(), capture_output=True, text=True, check=True).stdout
     rows = [line.split() for line in table.splitlines()[2:]]
     by_experiment = {row[3]: row for row in rows if row[0] == "resnet50v2" and row[3] in rates}
     assert set(by_experiment) == set(rates), table

@@ -60,13 +60,15 @@ def rows(results: Path = RESULTS) -> list[list[str]]:
         out.append(row("train", "training images/s from TFRecords against in-memory tensors",
                        train["ratio"], train["target_ratio"], train))
     if serve := load("serve"):
-        ratios, targets = serve["ratios"], serve["targets"]
-        for key, compared in (("service_c32_vs_raw_onnxruntime", "service images/s at concurrency 32 against raw "
-                                                                 "ONNX Runtime at its best batch"),
-                              ("service_c32_vs_keras_c32", "service images/s against per-request Keras, "
-                                                           "concurrency 32"),
-                              ("keras_p50_c1_vs_service_p50_c1", "single-image p50 latency, Keras over service")):
-            out.append(row("serve", compared, ratios[key], targets[key]["target"], serve))
+        for precision, ratios in serve["ratios"].items():
+            targets = serve["targets"][precision]
+            for key, compared in (("service_c32_vs_raw_onnxruntime", "service images/s at concurrency 32 against "
+                                                                     "raw ONNX Runtime at its best batch"),
+                                  ("service_c32_vs_keras_c32", "service images/s against per-request Keras (fp32), "
+                                                               "concurrency 32"),
+                                  ("keras_p50_c1_vs_service_p50_c1", "single-image p50 latency, Keras (fp32) over "
+                                                                     "service")):
+                out.append(row("serve", f"{precision}: {compared}", ratios[key], targets[key]["target"], serve))
     return out
 
 

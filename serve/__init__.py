@@ -1,1 +1,2 @@
-"""Prediction service on ONNX Runtime (planned: see the export-and-serving issue). No TensorFlow import here."""
+"""Prediction service on ONNX Runtime: the bundle, the FastAPI app, its batcher and input guards,
+predict_folder. No TensorFlow import here."""

@@ -55,6 +55,7 @@ class Settings:
     path_root: Path | None = None
     threads: int = 0  # ONNX Runtime intra-op threads per batch; 0 = one per core
     workers: int = 1  # batches run at once (each on `threads` threads)
+    precision: str = "fp32"  # the bundle's model.onnx, or "int8": its model.int8.onnx
 
 
 # --- response models (also the OpenAPI schema schemathesis checks the service against) ---------
@@ -93,6 +94,7 @@ class Metadata(BaseModel):
     metrics: dict[str, float] = Field(description="validation metrics of the exported model")
     dataset: str = Field(description="hash of the TFRecords the model was trained on")
     class_activation_maps: bool = Field(description="whether /annotate can draw heatmaps")
+    precision: str = Field(description="fp32 (model.onnx) or int8 (model.int8.onnx)")
 
 
 class Status(BaseModel):
@@ -192,7 +194,8 @@ class Timing:
 
 
 def create_app(settings: Settings, bundle: Bundle | None = None) -> FastAPI:
-    bundle = bundle or Bundle.load(settings.bundle, settings.threads, spin=False)
+    bundle = bundle or Bundle.load(settings.bundle, settings.threads, spin=False,
+                                   precision=settings.precision)
     metrics = Metrics()
     state: dict = {}
 
@@ -282,7 +285,7 @@ def create_app(settings: Settings, bundle: Bundle | None = None) -> FastAPI:
         return Metadata(name=bundle.name, version=bundle.version, labels=bundle.labels,
                         input_size=bundle.image_size, metrics=numbers,
                         dataset=str(bundle.metadata.get("dataset", "")),
-                        class_activation_maps=bundle.cam_weights is not None)
+                        class_activation_maps=bundle.cam_weights is not None, precision=bundle.precision)
 
     @app.post("/predict", response_model=Prediction, responses=IMAGE_ERRORS, openapi_extra=IMAGE_BODY,
               summary="classify one image (multipart field 'image', or JSON image_base64 / url / path)")

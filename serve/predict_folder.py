@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from serve.bundle import Bundle, BundleError, default_bundle
+from serve.bundle import MODEL_FILES, Bundle, BundleError, default_bundle
 from serve.errors import ApiError
 from serve.inputs import decode
 from stages.cli import at_least
@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=at_least(1), default=32)
     parser.add_argument("--max-pixels", type=at_least(1), default=40_000_000)
     parser.add_argument("--threads", type=at_least(1), default=4, help="reading/decoding threads")
+    parser.add_argument("--precision", choices=sorted(MODEL_FILES), default="fp32",
+                        help="int8: the bundle's static INT8 variant (export.quantize)")
     return parser.parse_args(argv)
 
 
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predict_folder: error: {args.folder}: not a folder", file=sys.stderr)
         return 2
     try:
-        bundle = Bundle.load(args.bundle or default_bundle())
+        bundle = Bundle.load(args.bundle or default_bundle(), precision=args.precision)
     except BundleError as exc:
         print(f"predict_folder: error: {exc}", file=sys.stderr)
         return 2

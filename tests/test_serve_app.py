@@ -211,6 +211,26 @@ def test_path_input_stays_inside_its_root(served, tmp_path_factory):
     error(client.post("/predict", json={"path": "cat.png\x00.txt"}), 422, "bad_path")
 
 
+def test_int8_variant_answers_with_the_quantized_graphs_probabilities(records, tmp_path):
+    import onnxruntime as ort
+
+    from tests.conftest import export_bundle, small_cnn
+
+    folder = export_bundle(small_cnn(32, 3, "avg"), records[3], tmp_path, "cam", "--quantize")
+    data = png(4)
+    with running(create_app(Settings(bundle=folder, precision="int8"))) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/metadata").json()["precision"] == "int8"
+        response = client.post("/predict", files={"image": ("x.png", data, "image/png")})
+    assert response.status_code == 200, response.text
+    fp32 = Bundle.load(folder)
+    pixels, _ = fp32.preprocess(data)
+    int8 = ort.InferenceSession(str(folder / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    expected = int8.run(["probabilities"], {"image": pixels[None].astype(np.float32)})[0][0]
+    answered = np.array([response.json()["scores"][label] for label in fp32.labels])
+    np.testing.assert_allclose(answered, expected, atol=1e-6)
+    assert not np.allclose(answered, fp32.predict(pixels[None])[0][0], atol=1e-6)  # really the INT8 graph
+
+
 def test_path_and_url_are_off_unless_switched_on(bundles):
     with running(create_app(Settings(bundle=bundles["cam"]))) as url:
         error(httpx.post(url + "/predict", json={"path": "cat.png"}), 403, "path_disabled")

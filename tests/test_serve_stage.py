@@ -127,13 +127,16 @@ def test_predict_folder_lists_every_file_with_a_label_or_a_reason(tmp_path, bund
     assert float(rows["a.png"]["confidence"]) == pytest.approx(float(probabilities.max()), abs=1e-6)
     assert predict_folder.main([str(tmp_path / "nowhere"), "--bundle", str(bundles["cam"])]) == 2
     assert predict_folder.main([str(folder), "--bundle", str(tmp_path)]) == 2
+    assert predict_folder.main([str(folder), "--bundle", str(bundles["cam"]), "--precision", "int8"]) == 2
     with pytest.raises(SystemExit) as refused:  # argparse's usage error
         predict_folder.main([str(folder), "--batch-size", "0"])
     assert refused.value.code == 2
 
 
-def test_service_cli_refuses_a_missing_bundle_or_bad_switches_in_one_line(tmp_path):
+def test_service_cli_refuses_a_missing_bundle_or_bad_switches_in_one_line(tmp_path, bundles):
     for flags, expected in ((["--bundle", str(tmp_path)], "not a serving bundle"),
+                            (["--bundle", str(bundles["cam"]), "--precision", "int8"], "has no int8 variant"),
+                            (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
                             (["--bundle", str(tmp_path), "--remote-allow-cidr", "nonsense"], "--remote-allow-cidr"),
                             (["--workers", "0"], "argument --workers: 0 is below 1"),
                             (["--max-batch", "two"], "argument --max-batch: 'two' is not an integer"),

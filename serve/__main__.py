@@ -7,6 +7,7 @@ The bundle defaults to model/ (the release, `dvc pull model.dvc`), else build/se
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +28,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-pixels", type=at_least(1), default=40_000_000, help="larger images get 422")
     parser.add_argument("--threads", type=at_least(0), default=0,
                         help="ONNX Runtime threads per batch (0: one per core)")
-    parser.add_argument("--workers", type=at_least(1), default=1, help="batches run at once")
+    # One batch per core: a lone request still gets every ONNX Runtime thread, and under load a
+    # batch runs while the next one is being decoded (measured in bench/serve.py).
+    parser.add_argument("--workers", type=at_least(1), default=os.cpu_count() or 1,
+                        help="batches run at once (default: one per core, %(default)s here)")
     parser.add_argument("--precision", choices=sorted(MODEL_FILES), default="fp32",
                         help="int8: the bundle's static INT8 variant (export.quantize), faster on most CPUs")
     parser.add_argument("--allow-remote", action="store_true", help='accept {"url": ...} (public addresses only)')

@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work" / "serve"
 RESULTS = ROOT / "bench" / "results" / "serve.json"
 CONCURRENCY = (1, 8, 32)
-PRECISIONS = ("fp32", "int8")
 TARGETS = {"service_c32_vs_raw_onnxruntime": 0.8, "service_c32_vs_keras_c32": 5.0,
            "keras_p50_c1_vs_service_p50_c1": 3.0}
 
@@ -269,12 +268,11 @@ def onnxruntime_and_service(bundle: Path, size: int, seconds: float, precision: 
     chosen = max(services, key=lambda name: services[name]["32"]["images_per_second"])
     return {"raw_images_per_second": {name: {str(k): v for k, v in speeds.items()} for name, speeds in raw.items()},
             "raw_best": {"configuration": config, "batch": batch, "images_per_second": ceiling},
-            "service_max_batch": batch, "services": services, "service_configuration": chosen,
-            "service": services[chosen]}
+            "service_max_batch": batch, "services": services, "service_configuration": chosen}
 
 
 def ratios_against(run: dict, keras_service: dict) -> dict[str, float]:
-    service = run["service"]
+    service = run["services"][run["service_configuration"]]
     return {"service_c32_vs_raw_onnxruntime": service["32"]["images_per_second"] / run["raw_best"]["images_per_second"],
             "service_c32_vs_keras_c32": service["32"]["images_per_second"] / keras_service["32"]["images_per_second"],
             "keras_p50_c1_vs_service_p50_c1": keras_service["1"]["p50_ms"] / service["1"]["p50_ms"]}
@@ -285,10 +283,12 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--seconds", type=float, default=12.0, help="per load level")
     args = parser.parse_args()
+    from serve.bundle import MODEL_FILES
+
     keras_path, bundle = build(args.image_size)
     bodies = sample_images()
     runs = {precision: onnxruntime_and_service(bundle, args.image_size, args.seconds, precision, bodies)
-            for precision in PRECISIONS}
+            for precision in MODEL_FILES}
     port = free_port()
     keras_service = measure("keras per-request", [sys.executable, "-m", "bench.keras_server", "--model",
                                                   str(keras_path), "--port", str(port)], port, args.seconds, bodies)

@@ -7,10 +7,10 @@ The bundle defaults to model/ (the release, `dvc pull model.dvc`), else build/se
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from serve.batcher import ONE_PER_CORE
 from serve.bundle import MODEL_FILES
 from stages.cli import at_least
 
@@ -28,9 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-pixels", type=at_least(1), default=40_000_000, help="larger images get 422")
     parser.add_argument("--threads", type=at_least(0), default=0,
                         help="ONNX Runtime threads per batch (0: one per core)")
-    # One batch per core: a lone request still gets every ONNX Runtime thread, and under load a
-    # batch runs while the next one is being decoded (measured in bench/serve.py).
-    parser.add_argument("--workers", type=at_least(1), default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=at_least(1), default=ONE_PER_CORE,
                         help="batches run at once (default: one per core, %(default)s here)")
     parser.add_argument("--precision", choices=sorted(MODEL_FILES), default="fp32",
                         help="int8: the bundle's static INT8 variant (export.quantize), faster on most CPUs")

@@ -24,7 +24,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.annotate import annotate as draw_annotation
-from serve.batcher import Batcher, QueueFull
+from serve.batcher import ONE_PER_CORE, Batcher, QueueFull
 from serve.bundle import Bundle
 from serve.errors import ApiError
 from serve.inputs import (
@@ -54,7 +54,7 @@ class Settings:
     remote: RemotePolicy = field(default_factory=RemotePolicy)
     path_root: Path | None = None
     threads: int = 0  # ONNX Runtime intra-op threads per batch; 0 = one per core
-    workers: int = 1  # batches run at once (each on `threads` threads)
+    workers: int = ONE_PER_CORE  # batches run at once (each on `threads` threads)
     precision: str = "fp32"  # the bundle's model.onnx, or "int8": its model.int8.onnx
 
 

@@ -6,7 +6,7 @@ On two validated image sets (generated and run through the download stage here i
 224x224, in one run: photo-sized JPEGs, what users bring, and the demo's tiny digits:
 1. packing images/s: ``stages.pack`` against img2dataset's ``border`` resize writing TFRecords
    (PNG at compression level 1 both, so the two do the same work; whole-command wall time,
-   start-up included);
+   start-up included; the median of 3 interleaved runs each);
 2. reading images/s: ``stages/dataset.py`` against ``keras.utils.image_dataset_from_directory``
    on the image folder, augmentation off in both, second pass of each (the first warms caches);
 3. the training input pipeline (augmentation on) against ResNet50V2's measured training rate.
@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -75,25 +76,30 @@ def validated(name: str) -> Path:
     return images
 
 
-def bench_pack(images: Path, img2dataset: str) -> dict:
+def bench_pack(images: Path, img2dataset: str, repeat: int = 3) -> dict:
+    """Both tools ``repeat`` times, interleaved; the median wall time of each (single runs on a
+    shared 2-vCPU host varied by more than 2x)."""
     files = sorted(p for p in images.rglob("*") if p.is_file())
     out = images.parent / "ours"
-    shutil.rmtree(out, ignore_errors=True)
-    ours = run([sys.executable, "-m", "stages.pack", "--params", str(ROOT / "params.yaml"),
-                "--images", str(images), "--out", str(out / "records"),
-                "--report", str(out / "metrics.json"), "--image-size", str(SIZE)])
     urls = images.parent / "files.csv"
     urls.write_text("url\n" + "".join(f"{p.resolve().as_uri()}\n" for p in files))
     theirs_out = images.parent / "img2dataset"
-    shutil.rmtree(theirs_out, ignore_errors=True)
-    theirs = run([img2dataset, "--url_list", str(urls), "--input_format", "csv", "--url_col", "url",
-                  "--output_format", "tfrecord", "--output_folder", str(theirs_out), "--resize_mode", "border",
-                  "--image_size", str(SIZE), "--encode_format", "png", "--encode_quality", "1",
-                  "--processes_count", str(os.cpu_count() or 1), "--thread_count", "16",
-                  "--extract_exif", "False", "--number_sample_per_shard", "1000"],
-                 env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"})
-    return {"images": len(files), "ours_images_per_s": round(len(files) / ours, 1),
-            "img2dataset_images_per_s": round(len(files) / theirs, 1), "ratio": round(theirs / ours, 2)}
+    ours, theirs = [], []
+    for _ in range(repeat):
+        shutil.rmtree(out, ignore_errors=True)
+        ours.append(run([sys.executable, "-m", "stages.pack", "--params", str(ROOT / "params.yaml"),
+                         "--images", str(images), "--out", str(out / "records"),
+                         "--report", str(out / "metrics.json"), "--image-size", str(SIZE)]))
+        shutil.rmtree(theirs_out, ignore_errors=True)
+        theirs.append(run([img2dataset, "--url_list", str(urls), "--input_format", "csv", "--url_col", "url",
+                           "--output_format", "tfrecord", "--output_folder", str(theirs_out), "--resize_mode",
+                           "border", "--image_size", str(SIZE), "--encode_format", "png", "--encode_quality", "1",
+                           "--processes_count", str(os.cpu_count() or 1), "--thread_count", "16",
+                           "--extract_exif", "False", "--number_sample_per_shard", "1000"],
+                          env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}))
+    ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
+    return {"images": len(files), "runs": repeat, "ours_images_per_s": round(len(files) / ours_s, 1),
+            "img2dataset_images_per_s": round(len(files) / theirs_s, 1), "ratio": round(theirs_s / ours_s, 2)}
 
 
 def images_per_second(dataset, passes: int = 2) -> float:

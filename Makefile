@@ -51,11 +51,11 @@ data: $(STAMP)
 demo: $(STAMP) data
 	$(RUN) dvc repro
 	@$(RUN) python -m tools.summary
-	@$(RUN) python -m stages.release
+	@$(RUN) python -m tools.release
 
 # Copy build/serving/ to model/ and `dvc add model` (model.dvc names the released model).
 release: $(STAMP)
-	$(RUN) python -m stages.release
+	$(RUN) python -m tools.release
 
 # The prediction service on the released model (model/, else build/serving/).
 serve: $(STAMP)

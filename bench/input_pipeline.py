@@ -7,7 +7,7 @@ On two validated image sets (generated and run through the download stage here i
 1. packing images/s: ``stages.pack`` against img2dataset's ``border`` resize writing TFRecords
    (PNG at compression level 1 both, so the two do the same work; whole-command wall time,
    start-up included; the median of 3 interleaved runs each);
-2. reading images/s: ``stages/dataset.py`` against ``keras.utils.image_dataset_from_directory``
+2. reading images/s: ``imgpipe/records/read.py`` against ``keras.utils.image_dataset_from_directory``
    on the image folder, augmentation off in both, second pass of each (the first warms caches);
 3. the training input pipeline (augmentation on) against ResNet50V2's measured training rate.
 Results go to ``bench/results/input_pipeline.json``.
@@ -115,8 +115,8 @@ def images_per_second(dataset, passes: int = 2) -> float:
 def bench_read(images: Path) -> dict:
     import keras
 
-    from stages.dataset import make_dataset
-    from stages.params import AugmentParams
+    from imgpipe.records.read import make_dataset
+    from imgpipe.params import AugmentParams
 
     records = images.parent / "ours" / "records"
     ours = images_per_second(make_dataset(records, "train", BATCH, SIZE, seed=1, augment=None))

@@ -2,7 +2,7 @@
 
     python -m bench.keras_server --model model.keras --port 8001
 
-Same preprocessing (``stages.imaging``), same multipart ``image`` field as the real service, no
+Same preprocessing (``imgpipe.images``), same multipart ``image`` field as the real service, no
 batching and TensorFlow in the request path.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, UploadFile
 
-from stages.imaging import preprocess
+from imgpipe.images import preprocess
 
 
 def main() -> None:

@@ -54,9 +54,9 @@ def build(size: int) -> tuple[Path, Path]:
     if (bundle / "model.int8.onnx").is_file():
         return keras_path, bundle
     from stages import export
-    from stages.modelio import save_model
-    from stages.store import sha256, write_folder_atomic
-    from stages.training import build_resnet, seed_everything
+    from imgpipe.training.modelio import save_model
+    from imgpipe.files import sha256, write_folder_atomic
+    from imgpipe.training.models import build_resnet, seed_everything
 
     seed_everything(0)
     classes = 10

@@ -2,9 +2,9 @@
 
     python -m bench.train            (or: make bench)
 
-The same ResNet50V2 (``stages.training.build_resnet``, same optimizer and loss as the stage) is
+The same ResNet50V2 (``imgpipe.training.models.build_resnet``, same optimizer and loss as the stage) is
 trained for the same number of steps on the demo digits, fed two ways, in one run, alternating:
-1. the real training input: ``stages.dataset.make_dataset`` reading the packed TFRecords with
+1. the real training input: ``imgpipe.records.read.make_dataset`` reading the packed TFRecords with
    shuffling and augmentation on, exactly as ``stages.train_resnet`` does;
 2. the same images already decoded in memory as one tensor (``from_tensor_slices``), the
    fastest feed there is.
@@ -73,9 +73,9 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from stages.dataset import load_arrays, make_dataset
-    from stages.params import load
-    from stages.training import build_resnet, loss_for, seed_everything
+    from imgpipe.records.read import load_arrays, make_dataset
+    from imgpipe.params import load
+    from imgpipe.training.models import build_resnet, loss_for, seed_everything
 
     params = load(ROOT / "params.yaml")
     labels = json.loads((records / "labels.json").read_text())

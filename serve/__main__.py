@@ -12,7 +12,7 @@ from pathlib import Path
 
 from serve.batcher import ONE_PER_CORE
 from serve.bundle import MODEL_FILES
-from stages.cli import at_least
+from imgpipe.cli import at_least
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

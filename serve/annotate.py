@@ -12,7 +12,7 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from stages.imaging import Geometry
+from imgpipe.images import Geometry
 
 BOX_THRESHOLD = 0.5  # the box holds the peak's connected region at >= half the peak activation
 ALPHA = 0.45

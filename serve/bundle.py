@@ -1,7 +1,7 @@
 """A serving bundle on disk (written by ``stages.export``) loaded into ONNX Runtime. No TensorFlow.
 
     bundle = Bundle.load(Path("model"))
-    pixels, geometry = bundle.preprocess(image_bytes)       # stages.imaging, as in training
+    pixels, geometry = bundle.preprocess(image_bytes)       # imgpipe.images, as in training
     probabilities, features = bundle.predict(np.stack([pixels]))
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from stages.imaging import Geometry, preprocess
+from imgpipe.images import Geometry, preprocess
 
 REQUIRED = ("model.onnx", "labels.json", "preprocess.json", "metadata.json")
 # The exported graph, and its static INT8 variant (``export.quantize: true``): ~2-3x faster on CPUs

@@ -19,7 +19,7 @@ from starlette.requests import Request
 
 from serve.errors import ApiError
 from serve.remote import RemotePolicy, fetch
-from stages.imaging import Geometry, decode_rgb, letterbox
+from imgpipe.images import Geometry, decode_rgb, letterbox
 
 # What the download stage keeps; Pillow opens more (ICO, PSD, EPS...), the service does not take them.
 FORMATS = ("BMP", "GIF", "JPEG", "PNG", "TIFF", "WEBP")

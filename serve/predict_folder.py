@@ -19,8 +19,8 @@ from tqdm import tqdm
 from serve.bundle import MODEL_FILES, Bundle, BundleError, default_bundle
 from serve.errors import ApiError
 from serve.inputs import decode
-from stages.cli import at_least
-from stages.store import write_csv_atomic
+from imgpipe.cli import at_least
+from imgpipe.files import write_csv_atomic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,1 +1,2 @@
-"""Pipeline stages: one module per DVC stage, each runnable as ``python -m stages.NAME``."""
+"""DVC stage entry points, one short script per stage of dvc.yaml (``python -m stages.NAME``): parse
+flags, load and validate params, call the ``imgpipe`` library, print the summary."""

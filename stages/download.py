@@ -2,7 +2,7 @@
 
     python -m stages.download --manifest data/manifest.csv data/local --out build/images
 
-Reader (stages.sources) -> downloader (stages.fetch) -> validator (stages.validate) -> writer
+Reader (imgpipe.ingest.sources) -> downloader (imgpipe.ingest.fetch) -> validator (imgpipe.ingest.validate) -> writer
 (here). Rows are fetched concurrently; the output and the report depend only on the sources
 and the bytes fetched, never on timing or completion order, so DVC's hash of them is stable.
 """
@@ -23,23 +23,23 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stages import params as params_module
-from stages.cli import StageError, run
-from stages.drops import REASONS, Drop
-from stages.fetch import Fetcher, FetchLimits, read_local
-from stages.params import DownloadParams
-from stages.pool import WorkerProcessError, run_sharded
-from stages.sources import Row, read_sources
-from stages.store import (
+from imgpipe import params as params_module
+from imgpipe.cli import StageError, run
+from imgpipe.ingest.drops import REASONS, Drop
+from imgpipe.ingest.cache import UrlCache
+from imgpipe.ingest.fetch import Fetcher, FetchLimits, read_local
+from imgpipe.params import DownloadParams
+from imgpipe.ingest.pool import WorkerProcessError, run_sharded
+from imgpipe.ingest.sources import Row, read_sources
+from imgpipe.files import (
     Folders,
-    UrlCache,
     remove_stale_temporaries,
     sha256,
     write_atomic,
     write_csv_atomic,
     write_text_atomic,
 )
-from stages.validate import EXTENSIONS, inspect
+from imgpipe.ingest.validate import EXTENSIONS, inspect
 
 NAME = "download"
 OUTPUT_FILE = re.compile(rf"^[0-9a-f]{{64}}\.({'|'.join(sorted(set(EXTENSIONS.values())))})$")

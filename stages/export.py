@@ -6,7 +6,7 @@
 The bundle (``--out``) is everything the service needs, and nothing from TensorFlow:
 ``model.onnx`` (input ``image``: float32 N x S x S x 3 in [0, 255], dynamic batch; output
 ``probabilities``: N x classes, and ``features``, the last convolutional map, when the head is
-global pooling then dense), ``labels.json``, ``preprocess.json`` (what ``stages.imaging`` needs),
+global pooling then dense), ``labels.json``, ``preprocess.json`` (what ``imgpipe.images`` needs),
 ``cam_weights.npy`` (the dense kernel, for class-activation maps) and ``metadata.json``.
 
 Keras and ONNX Runtime both predict the whole validation split; the stage fails unless every
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import params as params_module
-from stages.cli import StageError, run
-from stages.store import sha256, write_folder_atomic, write_text_atomic
+from imgpipe import params as params_module
+from imgpipe.cli import StageError, run
+from imgpipe.files import sha256, write_folder_atomic, write_text_atomic
 
 NAME = "export"
 INPUT, PROBABILITIES, FEATURES = "image", "probabilities", "features"
@@ -349,14 +349,14 @@ def main(argv: list[str] | None = None) -> None:
     reports = args.reports or Path("reports/export") / name
     started = time.monotonic()
 
-    from stages.training import seed_everything
+    from imgpipe.training.models import seed_everything
 
     seed_everything(0)  # op determinism: Keras' side of the parity check is the same on every run
     import keras
 
-    from stages.dataset import DatasetError, load_arrays, record_image_size
-    from stages.evaluation import class_probabilities, evaluate
-    from stages.reports import dataset_version
+    from imgpipe.records.read import DatasetError, load_arrays, record_image_size
+    from imgpipe.training.evaluation import class_probabilities, evaluate
+    from imgpipe.training.reports import dataset_version
 
     try:
         labels = json.loads((args.records / "labels.json").read_text())

@@ -8,7 +8,7 @@ same content can never be in both splits. (One exception, for tiny classes: when
 a class hashes to the same split, the one nearest the threshold is sent to the other, and it
 returns to its own split once the class grows enough not to need it.)
 
-Pixels come from ``stages.imaging.preprocess``, the function the prediction service uses too,
+Pixels come from ``imgpipe.images.preprocess``, the function the prediction service uses too,
 and are stored as lossless PNG.
 """
 
@@ -33,11 +33,11 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from stages import params as params_module
-from stages.cli import StageError, run
-from stages.imaging import preprocess
-from stages.params import PackParams
-from stages.store import write_csv_atomic, write_text_atomic
+from imgpipe import params as params_module
+from imgpipe.cli import StageError, run
+from imgpipe.images import preprocess
+from imgpipe.params import PackParams
+from imgpipe.files import write_csv_atomic, write_text_atomic
 
 NAME = "pack"
 SPLITS = ("train", "val")

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import params as params_module
-from stages.cli import StageError, run
-from stages.store import write_folder_atomic, write_text_atomic
+from imgpipe import params as params_module
+from imgpipe.cli import StageError, run
+from imgpipe.files import write_folder_atomic, write_text_atomic
 
 NAME = "serve"
 CLIENTS = 8  # concurrent HTTP clients in the check: enough for the batcher to form batches
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                                  f"{name}/1/model.onnx": (chosen / "model.onnx").read_bytes(),
                                  f"{name}/labels.txt": "".join(f"{label}\n" for label in labels).encode()})
 
-    from stages.dataset import DatasetError, load_arrays
+    from imgpipe.records.read import DatasetError, load_arrays
 
     try:
         images, y_true = load_arrays(args.records, "val", metadata["input"]["shape"][1])

@@ -11,7 +11,7 @@ trial's hyperparameters, score and epochs go to ``trials.csv`` and to Neptune; t
 and pictures are the ResNet stage's.
 
 AutoKeras 3 takes NumPy arrays only (its adapters refuse tf.data), so both splits are read into
-memory through ``stages.dataset`` (same records, same pixels, uint8: image_size^2 * 3 bytes per
+memory through ``imgpipe.records.read`` (same records, same pixels, uint8: image_size^2 * 3 bytes per
 image). The search state (trials, checkpoints) lives in ``--workdir``, outside DVC's outputs.
 """
 
@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import params as params_module
-from stages.cli import StageError, run
-from stages.dataset import DatasetError, load_arrays, record_image_size
-from stages.params import ParamsError
-from stages.reports import history_row, publish, start_run, trainer_parser, write_dict_csv
-from stages.tracking import Tracker
-from stages.training import class_weights, resolve_head, seed_everything, strategy_for
+from imgpipe import params as params_module
+from imgpipe.cli import StageError, run
+from imgpipe.records.read import DatasetError, load_arrays, record_image_size
+from imgpipe.params import ParamsError
+from imgpipe.training.reports import history_row, publish, start_run, trainer_parser, write_dict_csv
+from imgpipe.training.tracking import Tracker
+from imgpipe.training.models import class_weights, resolve_head, seed_everything, strategy_for
 
 NAME = "train_automl"
 MODEL_NAME = "autokeras"

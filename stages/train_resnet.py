@@ -18,13 +18,13 @@ import time
 
 import numpy as np
 
-from stages import params as params_module
-from stages.cli import StageError, run
-from stages.dataset import DatasetError, label_counts, make_dataset, record_image_size
-from stages.params import ParamsError
-from stages.reports import history_row, publish, start_run, trainer_parser
-from stages.tracking import Tracker
-from stages.training import (
+from imgpipe import params as params_module
+from imgpipe.cli import StageError, run
+from imgpipe.records.read import DatasetError, label_counts, make_dataset, record_image_size
+from imgpipe.params import ParamsError
+from imgpipe.training.reports import history_row, publish, start_run, trainer_parser
+from imgpipe.training.tracking import Tracker
+from imgpipe.training.models import (
     build_resnet,
     class_weights,
     loss_for,

@@ -35,7 +35,7 @@ def small_cnn(size: int, classes: int, head: str = "avg"):  # type: ignore[no-un
     """A small Keras classifier for export and serving tests: ``avg``/``max`` pooling heads
     (class-activation maps possible), ``flatten`` (not), ``sigmoid`` (one unit, two classes).
     Dropout is there so the test can check that no training-only op reaches ONNX."""
-    from stages.training import seed_everything
+    from imgpipe.training.models import seed_everything
 
     seed_everything(7)
     import keras
@@ -58,7 +58,7 @@ EXPORT_PARAMS = "export:\n  batch_size: 16\n"
 
 def export_bundle(model, records: Path, root: Path, name: str, *flags: str) -> Path:  # type: ignore[no-untyped-def]
     from stages import export
-    from stages.modelio import save_model
+    from imgpipe.training.modelio import save_model
 
     save_model(model, root / "models" / name / "model.keras")
     (root / "params.yaml").write_text(EXPORT_PARAMS)

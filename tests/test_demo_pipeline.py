@@ -105,7 +105,7 @@ def test_repro_of_the_data_stages_reproduces_the_committed_lock(repo):
 def test_demo_trains_at_its_own_size_without_touching_params_yaml(repo):
     params = (repo / "params.yaml").read_text()
     assert "image_size: 224" in params  # the default for users' own photos
-    from stages.dataset import record_image_size
+    from imgpipe.records.read import record_image_size
 
     dvc(repo, "repro", "pack")
     assert record_image_size(repo / "build/tfrecords") == 64  # from data/params.yaml, the demo data's settings
@@ -218,7 +218,7 @@ def test_push_clone_pull_reproduces_the_workspace_and_model_dvc_alone_serves(tin
     from serve.app import Settings, create_app
     from serve.running import running
 
-    subprocess.run([sys.executable, "-m", "stages.release"], cwd=tiny_repo, env=venv_env(), check=True,
+    subprocess.run([sys.executable, "-m", "tools.release"], cwd=tiny_repo, env=venv_env(), check=True,
                    capture_output=True)
     dvc(tiny_repo, "add", "-q", "data")  # the trimmed demo data
     dvc(tiny_repo, "remote", "add", "-d", "shared", str(tmp_path / "remote"))
@@ -288,7 +288,7 @@ def test_the_same_round_trip_through_an_s3_remote(tiny_repo, tmp_path, monkeypat
 def test_experiments_are_listed_by_dvc_and_by_compare(tiny_repo):
     """A learning-rate sweep as DVC experiments (up to the trainer, as one does before exporting
     the winner): `dvc exp show` lists both models' metrics for each, `dvc plots diff` draws them
-    together, and `stages.compare` finds the same runs in Neptune's offline data by name."""
+    together, and `tools.compare` finds the same runs in Neptune's offline data by name."""
     rates = {"lr-high": "0.003", "lr-low": "0.0003"}
     for name, rate in rates.items():
         dvc(tiny_repo, "exp", "run", "train_resnet", "-n", name, "-S", f"train.resnet.learning_rate={rate}")
@@ -305,7 +305,7 @@ def test_experiments_are_listed_by_dvc_and_by_compare(tiny_repo):
     page = (tiny_repo / "exp-plots" / "index.html").read_text()
     assert all(name in page for name in rates) and "Loss per epoch" in page
 
-    table = subprocess.run([sys.executable, "-m", "stages.compare", "--params",
+    table = subprocess.run([sys.executable, "-m", "tools.compare", "--params",
                             "parameters/train/resnet/learning_rate"],
                            cwd=tiny_repo, env=venv_env(), capture_output=True, text=True, check=True).stdout
     rows = [line.split() for line in table.splitlines()[2:]]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from stages import download
-from stages.cli import StageError
+from imgpipe.cli import StageError
 from tests import images
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.evaluation import (
+from imgpipe.training.evaluation import (
     class_probabilities,
     confusion_rows,
     evaluate,

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from stages.dataset import load_arrays
+from imgpipe.records.read import load_arrays
 from stages.export import TRAINING_OPS
 from tests.conftest import EXPORT_PARAMS, export_bundle, small_cnn
 
@@ -96,7 +96,7 @@ def test_flatten_and_max_pooling_heads(bundles, records, tmp_path):
 def test_zero_padding_before_max_pooling_survives_onnx_runtime_optimisation(records, tmp_path):
     """ResNet's pool1 (ZeroPadding2D -> MaxPooling2D on activations that can be negative): ONNX
     Runtime's Pad fusion would pad with -inf instead of 0; the export rewrites it exactly."""
-    from stages.training import seed_everything
+    from imgpipe.training.models import seed_everything
 
     seed_everything(3)
     import keras

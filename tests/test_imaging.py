@@ -1,4 +1,4 @@
-"""stages/imaging.py: orientation, colour modes and letterbox geometry, checked pixel by pixel."""
+"""imgpipe/images.py: orientation, colour modes and letterbox geometry, checked pixel by pixel."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.imaging import decode_rgb, letterbox, preprocess
+from imgpipe.images import decode_rgb, letterbox, preprocess
 from tests.images import encode
 
 PAD = (10, 20, 30)

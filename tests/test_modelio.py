@@ -9,7 +9,7 @@ import zipfile
 import keras
 import numpy as np
 
-from stages.modelio import save_model
+from imgpipe.training.modelio import save_model
 
 
 def test_saving_twice_gives_identical_bytes_that_load(tmp_path):
@@ -31,7 +31,7 @@ def test_saving_twice_gives_identical_bytes_that_load(tmp_path):
 
 
 def test_shared_object_ids_are_renumbered_by_first_appearance():
-    from stages.modelio import renumber_shared_objects
+    from imgpipe.training.modelio import renumber_shared_objects
 
     config = {"a": {"shared_object_id": 140001}, "b": [{"shared_object_id": 139999}, {"shared_object_id": 140001}]}
     assert renumber_shared_objects(config) == {"a": {"shared_object_id": 0},

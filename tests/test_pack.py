@@ -11,10 +11,10 @@ import pytest
 import tensorflow as tf
 
 from stages import pack
-from stages.cli import StageError
-from stages.dataset import DatasetError, count_records, make_dataset, shard_files
-from stages.imaging import preprocess
-from stages.params import AugmentParams
+from imgpipe.cli import StageError
+from imgpipe.records.read import DatasetError, count_records, make_dataset, shard_files
+from imgpipe.images import preprocess
+from imgpipe.params import AugmentParams
 from tests import images
 
 SIZE = 32

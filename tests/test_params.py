@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import params as params_module
-from stages.params import ParamsError, load
+from imgpipe import params as params_module
+from imgpipe.params import ParamsError, load
 
 ROOT = Path(__file__).resolve().parents[1]
 

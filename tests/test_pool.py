@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from stages.pool import WorkerProcessError, run_sharded, run_threads
+from imgpipe.ingest.pool import WorkerProcessError, run_sharded, run_threads
 
 
 class Square:

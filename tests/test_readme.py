@@ -80,7 +80,7 @@ def test_python_commands_take_the_flags_they_are_shown_with():
         if words[:2] == ["python", "-m"]:
             shown.setdefault(words[2], set()).update(
                 word.strip("[]").split("=")[0] for word in words[3:] if word.strip("[").startswith("--"))
-    assert {"stages.download", "stages.compare", "serve"} <= set(shown)
+    assert {"stages.download", "tools.compare", "serve"} <= set(shown)
     for module, flags in sorted(shown.items()):
         text = help_text(module)
         missing = [flag for flag in sorted(flags) if flag not in text]

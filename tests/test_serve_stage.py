@@ -1,4 +1,4 @@
-"""stages.serve (choice of model, Triton repository, the HTTP check), stages.release and
+"""stages.serve (choice of model, Triton repository, the HTTP check), tools.release and
 serve.predict_folder."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tritonclient.grpc import model_config_pb2
 
 from serve import predict_folder
 from serve.bundle import Bundle
-from stages import release
+from tools import release
 from stages import serve as serve_stage
 from tests import images
 
@@ -76,7 +76,7 @@ def test_serve_model_can_be_named_and_a_missing_one_is_an_error(tmp_path, export
     assert [output.name for output in config.output] == ["probabilities", "features"]
     only_one = tmp_path / "only"
     shutil.copytree(exported / "resnet50v2", only_one / "resnet50v2")
-    from stages.cli import StageError
+    from imgpipe.cli import StageError
 
     with pytest.raises(StageError, match="no bundle 'autokeras'"):
         run_serve(tmp_path, only_one, records[3], "--model", "autokeras")
@@ -102,7 +102,7 @@ def test_release_copies_the_bundle_and_dvc_adds_it(tmp_path, bundles, monkeypatc
 
 
 def test_release_without_a_bundle_is_a_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "stages.release", "--bundle", str(tmp_path / "none")],
+    result = subprocess.run([sys.executable, "-m", "tools.release", "--bundle", str(tmp_path / "none")],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 1 and "not a serving bundle" in result.stderr and "Traceback" not in result.stderr
 

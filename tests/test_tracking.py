@@ -1,4 +1,4 @@
-"""Neptune offline runs are written, read back by stages.compare, and never fail the caller."""
+"""Neptune offline runs are written, read back by tools.compare, and never fail the caller."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
-from stages import compare
-from stages.cli import StageError
-from stages.tracking import Tracker
+from tools import compare
+from imgpipe.cli import StageError
+from imgpipe.training.tracking import Tracker
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_compare_without_runs_is_a_clear_error(workdir):
 
 def test_a_failing_tracker_warns_once_and_lets_the_caller_go_on(workdir, monkeypatch, caplog):
     monkeypatch.setenv("NEPTUNE_MODE", "async")  # needs a server and a token: neither exists here
-    with caplog.at_level(logging.WARNING, logger="stages.tracking"):
+    with caplog.at_level(logging.WARNING, logger="imgpipe.training.tracking"):
         tracker = Tracker("no-server")
         tracker.set("parameters", {"lr": 0.1})
         tracker.log("train/loss", 1.0)
@@ -91,7 +91,7 @@ def test_a_failing_tracker_warns_once_and_lets_the_caller_go_on(workdir, monkeyp
 
 def test_an_unknown_mode_is_a_warning_too(workdir, monkeypatch, caplog):
     monkeypatch.setenv("NEPTUNE_MODE", "cloud")
-    with caplog.at_level(logging.WARNING, logger="stages.tracking"):
+    with caplog.at_level(logging.WARNING, logger="imgpipe.training.tracking"):
         tracker = Tracker("typo")
     assert not tracker.active
     assert "NEPTUNE_MODE='cloud'" in caplog.text

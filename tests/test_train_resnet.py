@@ -13,9 +13,10 @@ import keras
 import numpy as np
 import pytest
 
-from stages import compare, train_resnet
-from stages.cli import StageError
-from stages.dataset import make_dataset
+from stages import train_resnet
+from tools import compare
+from imgpipe.cli import StageError
+from imgpipe.records.read import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = """\

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from stages.training import build_resnet, class_weights, resolve_head, seed_everything
+from imgpipe.training.models import build_resnet, class_weights, resolve_head, seed_everything
 
 SIZE = 32
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from imgpipe.files import replacing_folder
 from sklearn.datasets import load_digits
 
 SEED = 2026
@@ -151,17 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.out.exists() and not args.force:
         sys.exit(f"demo_data: error: {args.out} exists; pass --force to replace it")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename, so an interrupted run never leaves half a data set.
-    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}-", dir=args.out.parent))
-    try:
-        staging.chmod(0o755)
+    with replacing_folder(args.out) as staging:  # an interrupted run never leaves half a data set
         count = generate(staging)
-        if args.out.exists():
-            shutil.rmtree(args.out)
-        staging.rename(args.out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(f"demo_data: wrote {count} digit images and manifest.csv to {args.out}/")
 
 

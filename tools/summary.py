@@ -68,7 +68,7 @@ def main() -> None:
         if (folder / "metrics.json").exists():
             print(train_summary(model, folder))
     if any((folder / "metrics.json").exists() for folder in TRAINERS.values()):
-        print("compare: dvc metrics show | dvc plots show | python -m stages.compare")
+        print("compare: dvc metrics show | dvc plots show | python -m tools.compare")
     for model in TRAINERS:
         if (EXPORTS / model / "metrics.json").exists():
             print(export_summary(model, EXPORTS / model / "metrics.json"))

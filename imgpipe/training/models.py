@@ -1,6 +1,6 @@
 """Shared pieces of the trainers: seeding for bit-identical runs, the ResNet50V2 model, class weights.
 
-The model takes the padded image exactly as ``stages.imaging`` makes it (float values in
+The model takes the padded image exactly as ``imgpipe.images`` makes it (float values in
 [0, 255]) and scales it itself, so an exported model needs no arithmetic around it in serving.
 """
 

@@ -6,7 +6,7 @@
 Shards are read in parallel and interleaved, records parsed and PNG-decoded in parallel, then
 (for training) shuffled with a seed, augmented in the graph with stateless random ops, batched
 and prefetched. The same seed gives the same batches, epoch after epoch. Images come out as
-float32 in [0, 255] exactly as ``stages.imaging.preprocess`` made them: scaling is the model's.
+float32 in [0, 255] exactly as ``imgpipe.images.preprocess`` made them: scaling is the model's.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
-from stages.params import AugmentParams  # noqa: E402
+from imgpipe.params import AugmentParams  # noqa: E402
 
 FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),

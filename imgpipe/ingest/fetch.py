@@ -27,7 +27,7 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
-from stages.drops import Drop
+from imgpipe.ingest.drops import Drop
 
 CHUNK = 64 * 1024
 

@@ -1,4 +1,4 @@
-"""Writing files so that a crash never leaves a partial one, and the download cache.
+"""Writing files so that a crash never leaves a partial one: single files, CSV reports, whole folders.
 
 Temporary files live in a scratch folder outside the outputs and are renamed into place, so
 a SIGKILL at any moment leaves either the old file, the new file, or nothing, and never a
@@ -7,14 +7,16 @@ temporary file inside a DVC output.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import hashlib
 import io
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -81,21 +83,17 @@ def write_csv_atomic(path: Path, header: list[str], rows: Iterable[Iterable[obje
     write_text_atomic(path, buffer.getvalue())
 
 
-def write_folder_atomic(out: Path, files: dict[str, bytes]) -> None:
-    """Write ``files`` (paths relative to ``out``) as the folder ``out``, which appears whole or
-    not at all: built beside it, then renamed into place (the old one removed just before)."""
-    import shutil
-
+@contextlib.contextmanager
+def replacing_folder(out: Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``out``; when the block ends without an error, the
+    staging folder becomes ``out`` (the old one removed just before), else it is deleted. So
+    ``out`` appears whole or not at all, and a killed run leaves only a hidden ``.NAME-*`` folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        folders = Folders()
-        for name, data in sorted(files.items()):
-            target = staging / name
-            write_atomic(target, data, folders=folders)
-            target.chmod(0o644)  # mkstemp made it private
+        yield staging
         for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
-            folder.chmod(0o755)
+            folder.chmod(0o755)  # mkdtemp made it private
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -103,47 +101,15 @@ def write_folder_atomic(out: Path, files: dict[str, bytes]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def write_folder_atomic(out: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` (paths relative to ``out``) as the folder ``out``, which appears whole or not at all."""
+    with replacing_folder(out) as staging:
+        folders = Folders()
+        for name, data in sorted(files.items()):
+            target = staging / name
+            write_atomic(target, data, folders=folders)
+            target.chmod(0o644)  # mkstemp made it private
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-class UrlCache:
-    """Validated bytes of remote URLs, so an interrupted run does not fetch them again.
-
-    ``objects/<sha256>`` holds content (a hard link to the output file where possible, so the
-    cache costs no extra space), ``urls/<sha256 of URL>`` the content hash the URL gave.
-    Content is checked against its hash on every read, so a damaged entry is refetched.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.scratch = root / "tmp"
-        self.folders = Folders()
-
-    def _url_entry(self, url: str) -> Path:
-        key = sha256(url.encode("utf-8"))
-        return self.root / "urls" / key[:2] / key
-
-    def _object(self, digest: str) -> Path:
-        return self.root / "objects" / digest[:2] / digest
-
-    def get(self, url: str) -> bytes | None:
-        try:
-            digest = self._url_entry(url).read_text(encoding="ascii").strip()
-            data = self._object(digest).read_bytes()
-        except (OSError, UnicodeDecodeError):
-            return None
-        return data if sha256(data) == digest else None
-
-    def put(self, url: str, written: Path, digest: str) -> None:
-        """Remember that ``url`` gave the content of ``written`` (hard-linked, not copied)."""
-        obj = self._object(digest)
-        if not obj.exists():
-            self.folders.make(obj.parent)
-            try:
-                os.link(written, obj)
-            except FileExistsError:
-                pass
-            except OSError:  # another file system, or no hard links there
-                write_atomic(obj, written.read_bytes(), self.scratch, self.folders)
-        write_atomic(self._url_entry(url), digest.encode("ascii"), self.scratch, self.folders)

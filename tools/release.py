@@ -1,6 +1,6 @@
 """Release the serving bundle: copy ``build/serving/`` to ``model/`` and ``dvc add model``.
 
-    python -m stages.release            # or: make release
+    python -m tools.release            # or: make release
 
 ``model.dvc`` (in git) then names the released model, so a serving host needs only
 ``dvc pull model.dvc`` and ``python -m serve``. The bundle is byte-reproducible, so releasing
@@ -15,14 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.cli import StageError, run
-from stages.store import write_folder_atomic
+from imgpipe.cli import StageError, run
+from imgpipe.files import write_folder_atomic
 
 NAME = "release"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{NAME}", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m tools.{NAME}", description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, default=Path("build/serving"), help="bundle to release (%(default)s)")
     parser.add_argument("--out", type=Path, default=Path("model"), help="release folder, tracked by OUT.dvc "
                                                                          "(%(default)s)")

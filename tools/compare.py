@@ -1,6 +1,6 @@
 """Compare Neptune runs without a Neptune server: replay the offline operation logs on disk.
 
-    python -m stages.compare [--neptune-dir .neptune] [--sort metrics/macro_f1] [--chart reports/compare.html]
+    python -m tools.compare [--neptune-dir .neptune] [--sort metrics/macro_f1] [--chart reports/compare.html]
 
 Each run Neptune records offline is a folder of JSON operation logs. They are read with the
 client's own parser and replayed through its own operation classes, so what is shown is exactly
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.cli import StageError, run
+from imgpipe.cli import StageError, run
 
 NAME = "compare"
 
@@ -175,7 +175,7 @@ def _escape(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{NAME}", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m tools.{NAME}", description=__doc__.split("\n")[0])
     parser.add_argument("--neptune-dir", type=Path, default=Path(".neptune"), help="default: %(default)s")
     parser.add_argument("--sort", help="final metric to sort by, best first, e.g. metrics/macro_f1")
     parser.add_argument("--params", nargs="*", default=[],

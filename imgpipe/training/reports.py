@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import params as params_module
-from stages.evaluation import Evaluation, confusion_rows, evaluate, plot_confusion, plot_mistakes, worst_mistakes
-from stages.modelio import save_model
-from stages.store import write_csv_atomic, write_text_atomic
-from stages.tracking import Tracker
+from imgpipe import params as params_module
+from imgpipe.training.evaluation import Evaluation, confusion_rows, evaluate, plot_confusion, plot_mistakes, worst_mistakes
+from imgpipe.training.modelio import save_model
+from imgpipe.files import write_csv_atomic, write_text_atomic
+from imgpipe.training.tracking import Tracker
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 

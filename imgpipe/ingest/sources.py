@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from stages.cli import StageError
-from stages.drops import Drop
+from imgpipe.cli import StageError
+from imgpipe.ingest.drops import Drop
 
 REMOTE_SCHEMES = {"http", "https"}
 

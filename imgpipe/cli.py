@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from stages.params import ParamsError
+from imgpipe.params import ParamsError
 
 
 class StageError(Exception):

@@ -4,9 +4,9 @@ The hosted neptune.ai app shut down in March 2026, so runs are recorded in Neptu
 mode (``.neptune/offline/`` at the repository root, see :func:`data_directory`) unless
 ``NEPTUNE_MODE`` says otherwise (async, sync, offline, debug); ``NEPTUNE_PROJECT`` and
 ``NEPTUNE_API_TOKEN`` are passed on when set, for a self-hosted Neptune server.
-``python -m stages.compare`` reads the offline runs back.
+``python -m tools.compare`` reads the offline runs back.
 
-Layout of a run, which ``stages.compare`` relies on:
+Layout of a run, which ``tools.compare`` relies on:
 ``parameters/...`` the training parameters, ``data/version`` the dataset hash, ``train/<name>``
 per-epoch series, ``metrics/<name>`` final numbers, ``pictures/<name>`` images.
 """

@@ -115,8 +115,8 @@ def images_per_second(dataset, passes: int = 2) -> float:
 def bench_read(images: Path) -> dict:
     import keras
 
-    from imgpipe.records.read import make_dataset
     from imgpipe.params import AugmentParams
+    from imgpipe.records.read import make_dataset
 
     records = images.parent / "ours" / "records"
     ours = images_per_second(make_dataset(records, "train", BATCH, SIZE, seed=1, augment=None))

@@ -3,8 +3,9 @@
     python -m bench.serve [--image-size 224] [--seconds 12]      (or: make bench)
 
 One ResNet50V2 (untrained weights: speed does not depend on them) at ``--image-size`` (224,
-params.yaml's default), exported the way ``stages.export`` does it, with its static INT8 variant
-(``export.quantize``). In one run, on this machine, for each precision (fp32 and int8):
+params.yaml's default), exported the way ``stages.export`` does it (``imgpipe.export``), with its
+static INT8 variant (``imgpipe.export.quantize``). In one run, on this machine, for each precision
+(fp32 and int8):
 1. raw ONNX Runtime images/s at batch sizes 1..32 in three thread configurations (the best of
    all is the ceiling for any server);
 2. ``python -m serve --precision P`` (dynamic batching up to step 1's best batch size; one batch
@@ -53,25 +54,26 @@ def build(size: int) -> tuple[Path, Path]:
     keras_path, bundle = folder / "model.keras", folder / "bundle"
     if (bundle / "model.int8.onnx").is_file():
         return keras_path, bundle
-    from stages import export
-    from imgpipe.training.modelio import save_model
+    from imgpipe.export.convert import cam_kernel, convert, npy, serving_model
+    from imgpipe.export.quantize import quantize
     from imgpipe.files import sha256, write_folder_atomic
+    from imgpipe.training.modelio import save_model
     from imgpipe.training.models import build_resnet, seed_everything
 
     seed_everything(0)
     classes = 10
     model = build_resnet(size, classes)
     save_model(model, keras_path)
-    exported, dense = export.serving_model(model, classes)
-    onnx_bytes = export.convert(exported, size, 17)
+    exported, dense = serving_model(model, classes)
+    onnx_bytes = convert(exported, size, 17)
     # Calibration decides INT8 ranges, not speed: random images do for untrained weights.
     calibration = np.random.default_rng(2).integers(0, 256, size=(32, size, size, 3), dtype=np.uint8)
     labels = [str(i) for i in range(classes)]
     metadata = {"name": "resnet50v2", "version": sha256(onnx_bytes)[:12], "metrics": {},
                 "input": {"shape": ["batch", size, size, 3]}, "outputs": {}}
     write_folder_atomic(bundle, {
-        "model.onnx": onnx_bytes, "model.int8.onnx": export.quantize(onnx_bytes, calibration),
-        "cam_weights.npy": export.npy(export.cam_kernel(dense, classes)),
+        "model.onnx": onnx_bytes, "model.int8.onnx": quantize(onnx_bytes, calibration),
+        "cam_weights.npy": npy(cam_kernel(dense, classes)),
         "labels.json": json.dumps(labels).encode(),
         "preprocess.json": json.dumps({"image_size": size, "pad_color": [0, 0, 0], "resample": "bilinear"}).encode(),
         "metadata.json": json.dumps(metadata).encode()})
@@ -297,7 +299,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "processor": cpu_model(),
                     "python": platform.python_version()},
         "model": f"ResNet50V2 at {args.image_size} px (untrained weights), ONNX opset 17; int8: static QDQ, "
-                 "per-channel weights (stages.export.quantize)",
+                 "per-channel weights (imgpipe.export.quantize)",
         "seconds_per_level": args.seconds,
         "onnxruntime": runs,
         "keras_per_request": keras_service,

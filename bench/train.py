@@ -73,8 +73,8 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from imgpipe.records.read import load_arrays, make_dataset
     from imgpipe.params import load
+    from imgpipe.records.read import load_arrays, make_dataset
     from imgpipe.training.models import build_resnet, loss_for, seed_everything
 
     params = load(ROOT / "params.yaml")

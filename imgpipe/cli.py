@@ -1,4 +1,5 @@
-"""Shared entry-point wrapper: errors become one line on stderr and an exit code, never a traceback."""
+"""What every entry point shares: its parser's common flags, logging set up once, and errors as
+one line on stderr with an exit code, never a traceback."""
 
 from __future__ import annotations
 
@@ -6,14 +7,24 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from imgpipe.params import ParamsError
+from imgpipe import logs
+from imgpipe.errors import ParamsError, StageError
+
+__all__ = ["StageError", "at_least", "entry_parser", "run"]
+VERBOSE_FLAGS = ("-v", "--verbose")
 
 
-class StageError(Exception):
-    """A stage cannot finish; the message says what and where, in one line."""
+def entry_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every entry point takes (``--verbose``, read by ``run``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument(*VERBOSE_FLAGS, action="store_true",
+                        help=f"debug lines and TensorFlow's own log (or {logs.VERBOSE_ENV}=1)")
+    return parser
 
 
 def run(main: Callable[[], None], name: str) -> None:
+    """Call an entry point's ``main`` with logging set up, turning its errors into exit codes."""
+    logs.setup(verbose=any(flag in sys.argv[1:] for flag in VERBOSE_FLAGS))
     try:
         main()
     except ParamsError as exc:

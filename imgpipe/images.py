@@ -21,6 +21,10 @@ RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
+# The image formats the pipeline reads (Pillow's names) and the extension a kept file gets: the
+# download stage keeps these (download.formats chooses among them), the service accepts these.
+EXTENSIONS = {"BMP": "bmp", "GIF": "gif", "JPEG": "jpg", "PNG": "png", "TIFF": "tiff", "WEBP": "webp"}
+FORMATS = tuple(EXTENSIONS)
 SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 

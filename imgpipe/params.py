@@ -15,6 +15,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from imgpipe.bundle import SERVING
+from imgpipe.errors import ParamsError
+from imgpipe.images import FORMATS, RESAMPLE
+
 DEFAULT_PATH = Path("params.yaml")
 # Settings that belong to the data set in data/ (the demo digits train at 96 px); they win over
 # params.yaml, so params.yaml keeps the defaults for everyone's own data and is never rewritten.
@@ -26,11 +30,8 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
 # Pillow format names the download stage can be asked to keep.
-ImageFormat = Literal["BMP", "GIF", "JPEG", "PNG", "TIFF", "WEBP"]
-
-
-class ParamsError(Exception):
-    """params.yaml (or a flag overriding it) is wrong; the message is one line."""
+ImageFormat = Literal[FORMATS]  # type: ignore[valid-type]
+Resample = Literal[tuple(RESAMPLE)]  # type: ignore[valid-type]
 
 
 class Section(BaseModel):
@@ -49,13 +50,11 @@ class DownloadParams(Section):
     retry_after_cap: Annotated[float, Field(ge=0)] = 30.0
     max_redirects: NonNegativeInt = 5
     max_bytes: PositiveInt = 20_000_000
-    formats: list[ImageFormat] = Field(
-        default_factory=lambda: ["BMP", "GIF", "JPEG", "PNG", "TIFF", "WEBP"], min_length=1
-    )
+    formats: list[ImageFormat] = Field(default_factory=lambda: list(FORMATS), min_length=1)
     max_pixels: PositiveInt = 40_000_000
     min_side: PositiveInt = 32
     min_images_per_class: NonNegativeInt = 10
-    user_agent: str = "image-pipeline-downloader/0.1 (+https://dvc.org)"
+    user_agent: str = "image-pipeline-downloader/0.1"
 
 
 Channel = Annotated[int, Field(ge=0, le=255)]
@@ -67,7 +66,7 @@ class PackParams(Section):
     seed: int = 42
     shard_size: PositiveInt = 1000
     pad_color: Annotated[list[Channel], Field(min_length=3, max_length=3)] = Field(default_factory=lambda: [0, 0, 0])
-    resample: Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"] = "bilinear"
+    resample: Resample = "bilinear"
     processes: NonNegativeInt = 0
 
 
@@ -136,9 +135,9 @@ class ExportParams(Section):
 
 class ServeParams(Section):
     model: Literal["best", "resnet50v2", "autokeras"] = "best"  # best: the higher validation macro-F1
-    max_batch: PositiveInt = 32  # requests coalesced into one ONNX Runtime call
-    max_wait_ms: Annotated[float, Field(ge=0)] = 5.0  # how long the first request waits for others
-    max_queue: PositiveInt = 256  # images waiting; more are answered 503 with Retry-After
+    max_batch: PositiveInt = SERVING.max_batch  # requests coalesced into one ONNX Runtime call
+    max_wait_ms: Annotated[float, Field(ge=0)] = SERVING.max_wait_ms  # how long the first request waits
+    max_queue: PositiveInt = SERVING.max_queue  # images waiting; more are answered 503 with Retry-After
     triton_instances: PositiveInt = 1  # Triton model instances (CPU)
     triton_max_queue_delay_us: NonNegativeInt = 5000
 

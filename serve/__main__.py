@@ -10,8 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from serve.batcher import ONE_PER_CORE
-from serve.bundle import MODEL_FILES
+from imgpipe.bundle import MODEL_FILES, SERVING
 from imgpipe.cli import at_least
 
 
@@ -21,16 +20,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="serving bundle (default: model/, else build/serving/)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=at_least(0), default=8000)
-    parser.add_argument("--max-batch", type=at_least(1), default=32, help="images per ONNX Runtime call")
-    parser.add_argument("--max-wait-ms", type=at_least(0, float), default=5.0, help="how long a batch waits to fill")
-    parser.add_argument("--max-queue", type=at_least(1), default=256, help="waiting images before 503 + Retry-After")
-    parser.add_argument("--max-body-bytes", type=at_least(1), default=20_000_000, help="larger requests get 413")
-    parser.add_argument("--max-pixels", type=at_least(1), default=40_000_000, help="larger images get 422")
-    parser.add_argument("--threads", type=at_least(0), default=0,
+    parser.add_argument("--max-batch", type=at_least(1), default=SERVING.max_batch, help="images per ONNX Runtime call")
+    parser.add_argument("--max-wait-ms", type=at_least(0, float), default=SERVING.max_wait_ms,
+                        help="how long a batch waits to fill")
+    parser.add_argument("--max-queue", type=at_least(1), default=SERVING.max_queue,
+                        help="waiting images before 503 + Retry-After")
+    parser.add_argument("--max-body-bytes", type=at_least(1), default=SERVING.max_body_bytes,
+                        help="larger requests get 413")
+    parser.add_argument("--max-pixels", type=at_least(1), default=SERVING.max_pixels, help="larger images get 422")
+    parser.add_argument("--threads", type=at_least(0), default=SERVING.threads,
                         help="ONNX Runtime threads per batch (0: one per core)")
-    parser.add_argument("--workers", type=at_least(1), default=ONE_PER_CORE,
+    parser.add_argument("--workers", type=at_least(1), default=SERVING.workers,
                         help="batches run at once (default: one per core, %(default)s here)")
-    parser.add_argument("--precision", choices=sorted(MODEL_FILES), default="fp32",
+    parser.add_argument("--precision", choices=sorted(MODEL_FILES), default=SERVING.precision,
                         help="int8: the bundle's static INT8 variant (export.quantize), faster on most CPUs")
     parser.add_argument("--allow-remote", action="store_true", help='accept {"url": ...} (public addresses only)')
     parser.add_argument("--remote-allow-cidr", action="append", default=[], metavar="CIDR",

@@ -23,8 +23,9 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from imgpipe.bundle import SERVING
 from serve.annotate import annotate as draw_annotation
-from serve.batcher import ONE_PER_CORE, Batcher, QueueFull
+from serve.batcher import Batcher, QueueFull
 from serve.bundle import Bundle
 from serve.errors import ApiError
 from serve.inputs import (
@@ -44,18 +45,20 @@ from serve.remote import RemotePolicy
 
 @dataclass
 class Settings:
+    """What the service runs with; every default is ``imgpipe.bundle.SERVING``'s."""
+
     bundle: Path
-    max_batch: int = 32  # images per ONNX Runtime call
-    max_wait_ms: float = 5.0  # how long the first image of a batch waits for company
-    max_queue: int = 256  # images waiting; beyond it: 503 + Retry-After
-    max_body_bytes: int = 20_000_000
-    max_pixels: int = 40_000_000
-    max_batch_images: int = 64  # images in one /predict/batch request
+    max_batch: int = SERVING.max_batch
+    max_wait_ms: float = SERVING.max_wait_ms
+    max_queue: int = SERVING.max_queue
+    max_body_bytes: int = SERVING.max_body_bytes
+    max_pixels: int = SERVING.max_pixels
+    max_batch_images: int = SERVING.max_batch_images
     remote: RemotePolicy = field(default_factory=RemotePolicy)
     path_root: Path | None = None
-    threads: int = 0  # ONNX Runtime intra-op threads per batch; 0 = one per core
-    workers: int = ONE_PER_CORE  # batches run at once (each on `threads` threads)
-    precision: str = "fp32"  # the bundle's model.onnx, or "int8": its model.int8.onnx
+    threads: int = SERVING.threads
+    workers: int = SERVING.workers
+    precision: str = SERVING.precision
 
 
 # --- response models (also the OpenAPI schema schemathesis checks the service against) ---------

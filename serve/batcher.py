@@ -11,17 +11,12 @@ accepting requests meanwhile. A full queue is refused at once (the caller answer
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-
-# The service's default: one batch per core. A lone request still gets every ONNX Runtime thread,
-# and under load a batch runs while the next one is being decoded (measured in bench/serve.py).
-ONE_PER_CORE = os.cpu_count() or 1
 
 
 class QueueFull(Exception):

@@ -15,27 +15,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from imgpipe.bundle import CAM_WEIGHTS, MODEL_FILES, SERVING, default_bundle, missing_files
 from imgpipe.images import Geometry, preprocess
 
-REQUIRED = ("model.onnx", "labels.json", "preprocess.json", "metadata.json")
-# The exported graph, and its static INT8 variant (``export.quantize: true``): ~2-3x faster on CPUs
-# with integer dot-product instructions, at the accuracy change the export stage reports.
-MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
-DEFAULT_BUNDLES = (Path("model"), Path("build/serving"))  # the release (`dvc pull model.dvc`), the last repro
-
+__all__ = ["Bundle", "BundleError", "MODEL_FILES", "default_bundle", "missing_files"]
 
 class BundleError(Exception):
     """The bundle folder is missing or incomplete; the message names the file."""
-
-
-def missing_files(folder: Path) -> list[str]:
-    """The bundle files ``folder`` lacks (all of them when it does not exist)."""
-    return [name for name in REQUIRED if not (folder / name).is_file()]
-
-
-def default_bundle() -> Path:
-    """model/ when a release was pulled, else build/serving/."""
-    return next((path for path in DEFAULT_BUNDLES if (path / "model.onnx").is_file()), DEFAULT_BUNDLES[0])
 
 
 @dataclass
@@ -48,10 +34,11 @@ class Bundle:
     metadata: dict[str, Any]
     session: ort.InferenceSession
     cam_weights: np.ndarray | None = None  # C x classes, when the model outputs ``features``
-    precision: str = "fp32"
+    precision: str = SERVING.precision
 
     @classmethod
-    def load(cls, folder: Path, threads: int = 0, spin: bool = True, precision: str = "fp32") -> Bundle:
+    def load(cls, folder: Path, threads: int = SERVING.threads, spin: bool = True,
+             precision: str = SERVING.precision) -> Bundle:
         """``threads``: ONNX Runtime's intra-op threads (0: one per core). ``spin``: whether they
         busy-wait for work between operators, which is fastest when they have the cores to
         themselves and slower when other threads (decoding, HTTP) need the same cores.
@@ -79,7 +66,7 @@ class Bundle:
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
             raise BundleError(f"{model_file}: ONNX Runtime cannot load it ({exc})") from None
         outputs = [output.name for output in session.get_outputs()]
-        cam = folder / "cam_weights.npy"
+        cam = folder / CAM_WEIGHTS
         cam_weights = np.load(cam, allow_pickle=False) if cam.is_file() and "features" in outputs else None
         return cls(folder, labels, int(prep["image_size"]), tuple(prep["pad_color"]), prep["resample"], metadata,
                    session, cam_weights, precision)

@@ -17,12 +17,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from imgpipe.images import FORMATS, Geometry, decode_rgb, letterbox
 from serve.errors import ApiError
 from serve.remote import RemotePolicy, fetch
-from imgpipe.images import Geometry, decode_rgb, letterbox
 
 # What the download stage keeps; Pillow opens more (ICO, PSD, EPS...), the service does not take them.
-FORMATS = ("BMP", "GIF", "JPEG", "PNG", "TIFF", "WEBP")
 MULTIPART, JSON = "multipart/form-data", "application/json"
 
 

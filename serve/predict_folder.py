@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from serve.bundle import MODEL_FILES, Bundle, BundleError, default_bundle
-from serve.errors import ApiError
-from serve.inputs import decode
+from imgpipe.bundle import MODEL_FILES, SERVING, default_bundle
 from imgpipe.cli import at_least
 from imgpipe.files import write_csv_atomic
+from serve.bundle import Bundle, BundleError
+from serve.errors import ApiError
+from serve.inputs import decode
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,10 +30,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="CSV to write (default: print to stdout)")
     parser.add_argument("--bundle", type=Path, default=None,
                         help="serving bundle (default: model/, else build/serving/)")
-    parser.add_argument("--batch-size", type=at_least(1), default=32)
-    parser.add_argument("--max-pixels", type=at_least(1), default=40_000_000)
+    parser.add_argument("--batch-size", type=at_least(1), default=SERVING.max_batch)
+    parser.add_argument("--max-pixels", type=at_least(1), default=SERVING.max_pixels)
     parser.add_argument("--threads", type=at_least(1), default=4, help="reading/decoding threads")
-    parser.add_argument("--precision", choices=sorted(MODEL_FILES), default="fp32",
+    parser.add_argument("--precision", choices=sorted(MODEL_FILES), default=SERVING.precision,
                         help="int8: the bundle's static INT8 variant (export.quantize)")
     return parser.parse_args(argv)
 

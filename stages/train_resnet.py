@@ -3,100 +3,21 @@
     python -m stages.train_resnet --records build/tfrecords --out build/models/resnet50v2 \\
         --reports reports/train_resnet
 
-Keeps the weights of the epoch with the lowest validation loss, not the last. Writes the model
-(``model.keras``, byte-reproducible), DVC metrics and plots (``metrics.json``, ``history.csv``,
-``confusion.csv``) and pictures (curves, confusion matrix, most confident mistakes), and records
-the run in Neptune (offline unless NEPTUNE_MODE says otherwise).
+The training, its outputs and its Neptune run are ``imgpipe.training.resnet``'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
-import numpy as np
-
 from imgpipe import params as params_module
-from imgpipe.cli import StageError, run
-from imgpipe.records.read import DatasetError, label_counts, make_dataset, record_image_size
-from imgpipe.params import ParamsError
-from imgpipe.training.reports import history_row, publish, start_run, trainer_parser
-from imgpipe.training.tracking import Tracker
-from imgpipe.training.models import (
-    build_resnet,
-    class_weights,
-    loss_for,
-    resolve_head,
-    seed_everything,
-    strategy_for,
-    targets_for,
-)
+from imgpipe.cli import run
+from imgpipe.training.reports import trainer_parser
+from imgpipe.training.resnet import train
 
 NAME = "train_resnet"
-MODEL_NAME = "resnet50v2"
-
-
-def optimizer_for(p, steps: int):  # type: ignore[no-untyped-def]
-    import keras
-
-    rate = p.learning_rate
-    if p.schedule == "cosine":
-        rate = keras.optimizers.schedules.CosineDecay(p.learning_rate, decay_steps=max(1, steps))
-    if p.optimizer == "sgd":
-        return keras.optimizers.SGD(rate, momentum=0.9)
-    return keras.optimizers.Adam(rate)
-
-
-def epoch_logger(tracker: Tracker, history: list[dict]):  # type: ignore[no-untyped-def]
-    """Keras callback: each epoch's numbers to Neptune and to the DVC plots history."""
-    import keras
-
-    class EpochLogger(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            row = history_row(epoch + 1, logs or {})
-            history.append(row)
-            for key, value in row.items():
-                if key != "epoch":
-                    tracker.log(f"train/{key}", value, step=epoch + 1)
-
-    return EpochLogger()
-
-
-def best_weights():  # type: ignore[no-untyped-def]
-    """Keras callback keeping the weights of the epoch with the lowest val loss, restored at the end."""
-    import keras
-
-    class BestWeights(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            self.best, self.best_epoch, self.weights = np.inf, 0, None
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            loss = float((logs or {}).get("val_loss", np.inf))
-            if loss < self.best:
-                self.best, self.best_epoch, self.weights = loss, epoch + 1, self.model.get_weights()
-
-        def on_train_end(self, logs: dict | None = None) -> None:
-            if self.weights is not None:
-                self.model.set_weights(self.weights)
-
-    return BestWeights()
-
-
-def images_at(dataset):  # type: ignore[no-untyped-def]
-    """Only the images the mistakes picture shows, found by index in a second pass (not all in memory)."""
-    return lambda indices: _images_at(dataset, set(indices))
-
-
-def _images_at(dataset, wanted: set[int]) -> dict[int, np.ndarray]:  # type: ignore[no-untyped-def]
-    found, offset = {}, 0
-    for images, _ in dataset:
-        for i in wanted & set(range(offset, offset + len(images))):
-            found[i] = images[i - offset].numpy()
-        offset += len(images)
-    return found
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -107,64 +28,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = params_module.load_for(args)
-    train, p = params.train, params.train.resnet
     started = time.monotonic()
-    seed_everything(p.seed)  # op determinism before any TensorFlow work
-    import keras
-
-    try:
-        labels = json.loads((args.records / "labels.json").read_text())
-        size = record_image_size(args.records)
-        # Both splits are checksummed here, before anything else reads them.
-        train_data = make_dataset(args.records, "train", p.batch_size, size, seed=p.seed,
-                                  augment=params.augment if p.augment else None)
-        val_data = make_dataset(args.records, "val", p.batch_size, size, training=False)
-        counts = label_counts(args.records, "train", len(labels))
-    except (OSError, json.JSONDecodeError, DatasetError) as exc:
-        raise StageError(f"--records {args.records}: {exc}") from None
-    try:
-        head = resolve_head(train.head, len(labels))
-    except ValueError as exc:
-        raise ParamsError(f"{' + '.join(map(str, args.params))}: {exc}") from None
-    to_targets = targets_for(head, len(labels))
-    steps = p.epochs * -(-sum(counts) // p.batch_size)
-
-    parameters = {"train": train.model_dump(exclude={"automl"}), "augment": params.augment.model_dump(),
-                  "image_size": size}
-    tracker = start_run(MODEL_NAME, [MODEL_NAME, head, f"{size}px"], parameters, args.records, sum(counts))
-
-    # Seeded again once the tracker has started: Neptune draws from Python's generator, which
-    # Keras uses to seed its own, so a run with tracking off would otherwise get other weights.
-    seed_everything(p.seed)
-    if train.mixed_precision:  # after seed_everything, whose clear_session resets the policy
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    strategy = strategy_for(train.strategy)
-    if train.strategy != "default":
-        print(f"{NAME}: {type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)")
-    with strategy.scope():
-        model = build_resnet(size, len(labels), head, p.dropout)
-        model.compile(optimizer=optimizer_for(p, steps), loss=loss_for(head, p.label_smoothing), metrics=["accuracy"])
-    history: list[dict] = []
-    best = best_weights()
-    callbacks = [epoch_logger(tracker, history), best]
-    if p.patience:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=p.patience))
-    weights = class_weights(counts) if p.class_weighting else None
-    model.fit(train_data.map(to_targets), validation_data=val_data.map(to_targets), epochs=p.epochs,
-              class_weight=weights, callbacks=callbacks, verbose=2)
-
-    # Evaluation on the whole validation split, with the best epoch's weights.
-    # model.predict, not predict_on_batch: under tf.distribute it splits and regathers batches in order.
-    outputs = model.predict(val_data.map(lambda images, _: images), verbose=0)
-    y_true = np.concatenate([truth.numpy() for _, truth in val_data])
-    extra = {"best_epoch": best.best_epoch, "epochs_run": len(history), "head": head, "image_size": size}
-    evaluation, _ = publish(model, MODEL_NAME, args.out, args.reports, labels, y_true, outputs, history, extra,
-                            images_at(val_data), tracker)
-    tracker.stop()
+    trained = train(params, args.records, args.out, args.reports, args.params, NAME)
+    evaluation = trained.evaluation
     seconds = time.monotonic() - started
     print(f"{NAME}: val accuracy {evaluation.accuracy:.3f}, macro-F1 {evaluation.macro_f1:.3f} "
-          f"(weighted random {evaluation.baseline_macro_f1:.3f}); best epoch {best.best_epoch} of {len(history)}; "
-          f"{seconds:.0f} s; model {args.out / 'model.keras'}")
+          f"(weighted random {evaluation.baseline_macro_f1:.3f}); best epoch {trained.best_epoch} of "
+          f"{trained.epochs_run}; {seconds:.0f} s; model {args.out / 'model.keras'}")
 
 
 if __name__ == "__main__":

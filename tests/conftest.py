@@ -57,8 +57,8 @@ EXPORT_PARAMS = "export:\n  batch_size: 16\n"
 
 
 def export_bundle(model, records: Path, root: Path, name: str, *flags: str) -> Path:  # type: ignore[no-untyped-def]
-    from stages import export
     from imgpipe.training.modelio import save_model
+    from stages import export
 
     save_model(model, root / "models" / name / "model.keras")
     (root / "params.yaml").write_text(EXPORT_PARAMS)

@@ -18,7 +18,7 @@ from tools import demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = ["dvc.yaml", "dvc.lock", "params.yaml", "data.dvc", ".dvcignore", ".dvc/config", ".dvc/.gitignore",
-                  ".gitignore", "stages", "serve", "tools", "notebooks"]
+                  ".gitignore", "stages", "imgpipe", "serve", "tools", "notebooks"]
 
 
 def tree(folder: Path) -> dict[str, bytes]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import download
 from imgpipe.cli import StageError
+from stages import download
 from tests import images
 
 ROOT = Path(__file__).resolve().parents[1]

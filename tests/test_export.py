@@ -12,8 +12,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from imgpipe.export.graph import TRAINING_OPS
 from imgpipe.records.read import load_arrays
-from stages.export import TRAINING_OPS
 from tests.conftest import EXPORT_PARAMS, export_bundle, small_cnn
 
 
@@ -150,7 +150,7 @@ def test_identity_reshapes_are_dropped_and_nothing_else_changes():
     runs); a Reshape that changes the shape stays, and the outputs are the same."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from stages.export import without_identity_reshapes
+    from imgpipe.export.graph import without_identity_reshapes
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 1, 1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1, 1, 4])

@@ -6,9 +6,10 @@ import argparse
 from pathlib import Path
 
 import pytest
+import yaml
 
 from imgpipe import params as params_module
-from imgpipe.params import ParamsError, load
+from imgpipe.params import Params, ParamsError, load
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +56,38 @@ def test_flags_override_both_files(tmp_path):
     assert params_module.load_for(args).train.automl.max_trials == 2
     args = parser.parse_args(["--params", str(base), str(overlay)])
     assert params_module.load_for(args).train.automl.max_trials == 3
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"download.workers": 32, ...}: every key of a nested section, dotted."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def test_params_yaml_lists_every_parameter_with_the_code_default():
+    """params.yaml is where users read the defaults: each key is there, with the value the
+    parameter models fall back to, so the file and the code cannot drift apart again."""
+    written = _leaves(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    defaults = _leaves(Params().model_dump())
+    assert sorted(written) == sorted(defaults)
+    assert {key: value for key, value in written.items() if value != defaults[key]} == {}
+
+
+def test_the_service_and_the_serve_section_share_their_defaults():
+    """`python -m serve`, serve.app.Settings and params.yaml's serve: start from one definition."""
+    from imgpipe.bundle import SERVING
+    from serve.__main__ import parse_args
+    from serve.app import Settings
+
+    flags = parse_args([])
+    settings = Settings(bundle=Path("."))
+    serve_section = Params().serve
+    for name in ("max_batch", "max_wait_ms", "max_queue"):
+        assert getattr(flags, name) == getattr(settings, name) == getattr(serve_section, name) == getattr(SERVING, name)
+    for name in ("max_body_bytes", "max_pixels", "threads", "workers", "precision"):
+        assert getattr(flags, name) == getattr(settings, name) == getattr(SERVING, name)

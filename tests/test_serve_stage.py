@@ -16,9 +16,9 @@ from tritonclient.grpc import model_config_pb2
 
 from serve import predict_folder
 from serve.bundle import Bundle
-from tools import release
 from stages import serve as serve_stage
 from tests import images
+from tools import release
 
 REPO = Path(__file__).resolve().parent.parent
 

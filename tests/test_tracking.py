@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
-from tools import compare
 from imgpipe.cli import StageError
 from imgpipe.training.tracking import Tracker
+from tools import compare
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ import keras
 import numpy as np
 import pytest
 
-from stages import train_automl
-from tools import compare
 from imgpipe.cli import StageError
 from imgpipe.records.read import load_arrays
+from stages import train_automl
+from tools import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = """\

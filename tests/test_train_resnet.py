@@ -13,10 +13,10 @@ import keras
 import numpy as np
 import pytest
 
-from stages import train_resnet
-from tools import compare
 from imgpipe.cli import StageError
 from imgpipe.records.read import make_dataset
+from stages import train_resnet
+from tools import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = """\
@@ -111,8 +111,9 @@ def test_mirrored_strategy_trains_on_two_logical_cpu_devices(tmp_path, records):
         "import sys, tensorflow as tf\n"
         "cpu = tf.config.list_physical_devices('CPU')[0]\n"
         "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "from imgpipe.cli import run\n"
         "from stages import train_resnet\n"
-        "train_resnet.main(sys.argv[1:])\n"
+        "run(lambda: train_resnet.main(sys.argv[1:]), 'train_resnet')\n"
     )
     (tmp_path / "params.yaml").write_text(PARAMS)
     result = subprocess.run(
@@ -122,7 +123,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpu_devices(tmp_path, records):
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "NEPTUNE_MODE": "debug"},
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "MirroredStrategy with 2 replica(s)" in result.stdout
+    assert "MirroredStrategy with 2 replica(s)" in result.stderr  # a log line
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 1 and 0 <= metrics["accuracy"] <= 1
     assert keras.models.load_model(tmp_path / "model" / "model.keras").output_shape == (None, 3)

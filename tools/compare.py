@@ -9,7 +9,6 @@ what Neptune would have shown: name, tags, key parameters, final metrics, and le
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imgpipe.cli import StageError, run
+from imgpipe.cli import StageError, entry_parser, run
 
 NAME = "compare"
 
@@ -175,7 +174,7 @@ def _escape(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m tools.{NAME}", description=__doc__.split("\n")[0])
+    parser = entry_parser(f"python -m tools.{NAME}", __doc__.split("\n")[0])
     parser.add_argument("--neptune-dir", type=Path, default=Path(".neptune"), help="default: %(default)s")
     parser.add_argument("--sort", help="final metric to sort by, best first, e.g. metrics/macro_f1")
     parser.add_argument("--params", nargs="*", default=[],

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from imgpipe.files import replacing_folder
-from sklearn.datasets import load_digits
 
 SEED = 2026
 FOLDER_CLASS = 9  # delivered as a folder source instead of manifest rows

@@ -15,14 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from imgpipe.cli import StageError, run
+from imgpipe.cli import StageError, entry_parser, run
 from imgpipe.files import write_folder_atomic
 
 NAME = "release"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m tools.{NAME}", description=__doc__.split("\n")[0])
+    parser = entry_parser(f"python -m tools.{NAME}", __doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, default=Path("build/serving"), help="bundle to release (%(default)s)")
     parser.add_argument("--out", type=Path, default=Path("model"), help="release folder, tracked by OUT.dvc "
                                                                          "(%(default)s)")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from imgpipe.cli import StageError
+from imgpipe.errors import StageError
 from imgpipe.ingest.drops import Drop
 
 REMOTE_SCHEMES = {"http", "https"}

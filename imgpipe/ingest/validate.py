@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from imgpipe.images import EXTENSIONS
 from imgpipe.ingest.drops import Drop
 
 # Extension written for each decoded format: the output name says what the bytes are.
-EXTENSIONS = {"BMP": "bmp", "GIF": "gif", "JPEG": "jpg", "PNG": "png", "TIFF": "tiff", "WEBP": "webp"}
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+from imgpipe.errors import ParamsError  # noqa: E402
 
 HEADS = ("auto", "softmax", "sigmoid")
 
@@ -51,6 +54,15 @@ def resolve_head(head: str, classes: int) -> str:
     if head == "sigmoid" and classes != 2:
         raise ValueError(f"a sigmoid head needs exactly two classes, the data has {classes}")
     return head
+
+
+def params_head(head: str, classes: int, params_files: list[Path]) -> str:
+    """``resolve_head`` for ``train.head`` as read from ``params_files``: a head the data cannot
+    have is a params error (exit code 2) naming those files, not a crash."""
+    try:
+        return resolve_head(head, classes)
+    except ValueError as exc:
+        raise ParamsError(f"{' + '.join(map(str, params_files))}: {exc}") from None
 
 
 def build_resnet(image_size: int, classes: int, head: str = "auto", dropout: float = 0.0) -> keras.Model:

@@ -19,9 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from imgpipe import params as params_module
-from imgpipe.training.evaluation import Evaluation, confusion_rows, evaluate, plot_confusion, plot_mistakes, worst_mistakes
-from imgpipe.training.modelio import save_model
+from imgpipe.cli import entry_parser
 from imgpipe.files import write_csv_atomic, write_text_atomic
+from imgpipe.training.evaluation import (
+    Evaluation,
+    confusion_rows,
+    evaluate,
+    plot_confusion,
+    plot_mistakes,
+    worst_mistakes,
+)
+from imgpipe.training.modelio import save_model
 from imgpipe.training.tracking import Tracker
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -29,7 +37,7 @@ HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 def trainer_parser(name: str, description: str, section: str, reports: str) -> argparse.ArgumentParser:
     """The flags every trainer takes: --records, --out, --reports, and its params sections."""
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
+    parser = entry_parser(f"python -m stages.{name}", description)
     parser.add_argument("--records", type=Path, required=True, help="folder of TFRecords and labels.json")
     parser.add_argument("--out", type=Path, required=True, help="folder for model.keras")
     parser.add_argument("--reports", type=Path, default=Path(f"reports/{name}"),

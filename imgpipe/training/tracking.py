@@ -13,8 +13,11 @@ per-epoch series, ``metrics/<name>`` final numbers, ``pictures/<name>`` images.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +67,22 @@ def _init_run(neptune, **kwargs):  # type: ignore[no-untyped-def]
             os.environ["NEPTUNE_DATA_DIRECTORY"] = before
 
 
+def _import_neptune():  # type: ignore[no-untyped-def]
+    """neptune-client, without its start-up lines: the package's deprecation notice (we use it on
+    purpose, for its offline mode) and "Neptune initialized" (the stage's summary names the run).
+
+    The notice is raised during the import, right after neptune puts an "always" filter first in
+    line, so no warnings filter can stop it: the import's stderr is held and written back without it."""
+    with contextlib.redirect_stderr(io.StringIO()) as held:
+        import neptune
+    for line in held.getvalue().splitlines():
+        if "package has been deprecated" not in line:
+            print(line, file=sys.stderr)
+    if not log.isEnabledFor(logging.DEBUG):  # --verbose keeps neptune's info lines
+        logging.getLogger("neptune").setLevel(logging.WARNING)
+    return neptune
+
+
 class Tracker:
     """One Neptune run. Every call is guarded: the first failure is logged once as a warning,
     tracking switches off, and the caller carries on."""
@@ -75,8 +94,7 @@ class Tracker:
         try:
             if mode not in MODES:
                 raise ValueError(f"NEPTUNE_MODE={mode!r} is not one of {sorted(MODES)}")
-            import neptune
-
+            neptune = _import_neptune()
             self.run = _init_run(
                 neptune,
                 project=os.environ.get("NEPTUNE_PROJECT", DEFAULT_PROJECT),

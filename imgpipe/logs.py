@@ -1,11 +1,12 @@
 """Logs that show the pipeline's own lines: ``logging`` set up once per entry point, and
 TensorFlow's C++ start-up chatter kept off the terminal.
 
-TensorFlow writes its start-up lines (oneDNN notice, "Could not find cuda drivers", CPU feature
-hints, "failed call to cuInit" on a machine without a GPU driver) to file descriptor 2 before
-its own log level applies, so ``TF_CPP_MIN_LOG_LEVEL`` alone does not silence them. The first
-``import tensorflow`` therefore runs with descriptor 2 captured; afterwards every captured line
-that is not one of those known notices is written back, so real warnings and errors still show.
+TensorFlow's C++ log is off (``TF_CPP_MIN_LOG_LEVEL=3``): on a CPU machine it says "failed call
+to cuInit" or "NodeDef mentions attribute use_unbounded_threadpool", which read as failures and
+are not, and an error that matters reaches Python as an exception, which still shows. Its
+start-up lines (oneDNN notice, "Could not find cuda drivers", CPU feature hints) are written to
+file descriptor 2 before that level applies, so the first ``import tensorflow`` runs with the
+descriptor captured, and every captured line that is not one of those notices is written back.
 Standard library only: the service imports this too.
 """
 
@@ -99,7 +100,7 @@ class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
-_LOWERED_LEVEL = "2"
+_LOWERED_LEVEL = "3"
 
 
 def _restore_tensorflow_log() -> None:
@@ -116,7 +117,7 @@ def quiet_tensorflow() -> None:
     if "tensorflow" in sys.modules or verbose_from_env():
         return
     if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = _LOWERED_LEVEL  # warnings and info off; errors still show
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = _LOWERED_LEVEL
     if os.environ["TF_CPP_MIN_LOG_LEVEL"] in {"0", "1"}:
         return  # the user asked for TensorFlow's own log
     if not any(isinstance(finder, _QuietTensorFlowFinder) for finder in sys.meta_path):

@@ -12,15 +12,12 @@ float32 in [0, 255] exactly as ``imgpipe.images.preprocess`` made them: scaling 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow as tf  # noqa: E402
-
-from imgpipe.params import AugmentParams  # noqa: E402
+from imgpipe.params import AugmentParams
 
 FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),

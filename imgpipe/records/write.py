@@ -178,7 +178,6 @@ def write_report(path: Path, report: dict, skipped: list[Skipped]) -> None:
 def write_records(out: Path, ordered: dict[str, list[Source]], results: Iterator[Packed | str], labels: list[str],
                   p: PackParams, total: int) -> tuple[list[Skipped], dict[str, Counter]]:
     """Write every shard into a staging folder that becomes ``out`` whole (``replacing_folder``)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep the log to what matters
     import tensorflow as tf  # only the parent writes records; workers never import TensorFlow
 
     index = {label: i for i, label in enumerate(labels)}

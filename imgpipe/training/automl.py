@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,11 +231,20 @@ def log_trials(tracker: Tracker, oracle, recorder, rows: list[dict]) -> None:  #
                     tracker.log(f"{base}/train/{key}", value, step=epoch["epoch"])
 
 
+def quiet_known_notices() -> None:
+    """Keras warns on every AutoKeras trial that a one-input model got a bare tensor, and when
+    KerasTuner reloads a trial's weights without its optimizer state: both expected, neither
+    actionable, and they would bury the search's own lines."""
+    warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match", category=UserWarning)
+    warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer", category=UserWarning)
+
+
 def search(params: Params, records: Path, out: Path, reports: Path, workdir: Path,
            params_files: list[Path]) -> Searched:
     """Search on ``records`` (state in ``workdir``), write the best as ``out/model.keras`` with the
     reports and ``trials.csv``; ``params_files`` are named in a params error."""
     common, p = params.train, params.train.automl
+    quiet_known_notices()
     seed_everything(p.seed)  # op determinism before any TensorFlow work
     import autokeras
     import keras

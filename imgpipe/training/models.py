@@ -6,17 +6,14 @@ The model takes the padded image exactly as ``imgpipe.images`` makes it (float v
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from imgpipe.errors import ParamsError  # noqa: E402
+from imgpipe.errors import ParamsError
 
 HEADS = ("auto", "softmax", "sigmoid")
 

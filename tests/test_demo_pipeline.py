@@ -167,6 +167,12 @@ def test_whole_pipeline_runs_reruns_nothing_and_reproduces_bit_identically(tiny_
     assert (tiny_repo / "build/triton" / served["model"] / "config.pbtxt").is_file()
 
     assert "Running stage" not in dvc(tiny_repo, "repro")  # nothing changed, nothing runs
+    # Bytecode Python writes beside the code a stage imports is no change to that stage (.dvcignore).
+    stray = tiny_repo / "imgpipe" / "export" / "__pycache__" / "stray.cpython-311.pyc"
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_bytes(b"not source")
+    assert "up to date" in dvc(tiny_repo, "status")
+    stray.unlink()
     shown = dvc(tiny_repo, "metrics", "show")
     assert "reports/train_resnet/metrics.json" in shown and "reports/train_automl/metrics.json" in shown
     dvc(tiny_repo, "plots", "show", "-o", str(tiny_repo / "plots"))

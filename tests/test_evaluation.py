@@ -1,4 +1,4 @@
-"""stages/evaluation.py: metrics against hand-computed values, baseline, pictures that do not vary."""
+"""imgpipe/training/evaluation.py: metrics against hand-computed values, baseline, pictures that do not vary."""
 
 from __future__ import annotations
 

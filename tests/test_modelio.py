@@ -1,4 +1,4 @@
-"""stages/modelio.py: an unchanged model saved twice, seconds apart, gives the same bytes and loads."""
+"""imgpipe/training/modelio.py: an unchanged model saved twice, seconds apart, gives the same bytes and loads."""
 
 from __future__ import annotations
 

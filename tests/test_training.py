@@ -1,4 +1,4 @@
-"""stages/training.py: the model contract (scaling inside, named layers, heads) and determinism."""
+"""imgpipe/training/models.py: the model contract (scaling inside, named layers, heads) and determinism."""
 
 from __future__ import annotations
 

@@ -218,9 +218,10 @@ class Result:
 
 
 def download(sources: list[Path], out: Path, p: DownloadParams, report_path: Path, cache_dir: Path,
-             refresh: bool = False, log: Path = Path("logs/download.log")) -> Result:
+             refresh: bool, log: Path) -> Result:
     """Fetch or read every row, keep the images, write the report (``report_path``) and
-    ``rejected.csv`` beside it. Raises StageError when nothing usable is left."""
+    ``rejected.csv`` beside it, and a line of timings to the untracked ``log``. Raises StageError
+    when nothing usable is left."""
     started = time.monotonic()
     rows = read_sources(sources)
     if not rows:

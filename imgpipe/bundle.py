@@ -10,11 +10,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-REQUIRED = ("model.onnx", "labels.json", "preprocess.json", "metadata.json")
-CAM_WEIGHTS = "cam_weights.npy"  # dense kernel for class-activation maps, when the head allows them
 # The exported graph, and its static INT8 variant (``export.quantize: true``): ~2-3x faster on CPUs
 # with integer dot-product instructions, at the accuracy change the export stage reports.
 MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+LABELS = "labels.json"  # class names, in output order
+PREPROCESS = "preprocess.json"  # what imgpipe.images.preprocess needs: image_size, pad_color, resample
+METADATA = "metadata.json"  # name, content-derived version, data set, metrics, input and outputs
+CAM_WEIGHTS = "cam_weights.npy"  # dense kernel for class-activation maps, when the head allows them
+REQUIRED = (MODEL_FILES["fp32"], LABELS, PREPROCESS, METADATA)
 DEFAULT_BUNDLES = (Path("model"), Path("build/serving"))  # the release (`dvc pull model.dvc`), the last repro
 
 # One batch per core: a lone request still gets every ONNX Runtime thread, and under load a batch
@@ -48,4 +51,4 @@ def missing_files(folder: Path) -> list[str]:
 
 def default_bundle() -> Path:
     """model/ when a release was pulled, else build/serving/."""
-    return next((path for path in DEFAULT_BUNDLES if (path / "model.onnx").is_file()), DEFAULT_BUNDLES[0])
+    return next((path for path in DEFAULT_BUNDLES if (path / MODEL_FILES["fp32"]).is_file()), DEFAULT_BUNDLES[0])

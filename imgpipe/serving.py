@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgpipe.bundle import LABELS, METADATA, MODEL_FILES
 from imgpipe.errors import StageError
 from imgpipe.files import write_folder_atomic, write_text_atomic
 from imgpipe.params import ServeParams
@@ -30,8 +31,8 @@ CLIENTS = 8  # concurrent HTTP clients in the check: enough for the batcher to f
 def choose(bundles: Path, wanted: str) -> Path:
     """The bundle named ``wanted``, or for ``best`` the one with the highest validation macro-F1."""
     found = {}
-    for folder in sorted(p for p in bundles.iterdir() if (p / "metadata.json").is_file()):
-        found[folder.name] = json.loads((folder / "metadata.json").read_text())
+    for folder in sorted(p for p in bundles.iterdir() if (p / METADATA).is_file()):
+        found[folder.name] = json.loads((folder / METADATA).read_text())
     if not found:
         raise StageError(f"--bundles {bundles}: no exported bundle (run the export stage)")
     if wanted == "best":
@@ -115,13 +116,13 @@ def build_serving(bundles: Path, records: Path, out: Path, triton: Path, reports
     over HTTP on ``records``' validation split, and write ``reports/metrics.json`` and the timings.
     The check's verdict is ``Served.require_agreement``'s, so the numbers can be shown first."""
     chosen = choose(bundles, p.model)
-    metadata = json.loads((chosen / "metadata.json").read_text())
-    labels = json.loads((chosen / "labels.json").read_text())
+    metadata = json.loads((chosen / METADATA).read_text())
+    labels = json.loads((chosen / LABELS).read_text())
 
     write_folder_atomic(out, {path.name: path.read_bytes() for path in sorted(chosen.iterdir()) if path.is_file()})
     name = chosen.name  # what serve.model names
     write_folder_atomic(triton, {f"{name}/config.pbtxt": triton_config(name, metadata, labels, p).encode(),
-                                 f"{name}/1/model.onnx": (chosen / "model.onnx").read_bytes(),
+                                 f"{name}/1/model.onnx": (chosen / MODEL_FILES["fp32"]).read_bytes(),
                                  f"{name}/labels.txt": "".join(f"{label}\n" for label in labels).encode()})
 
     from imgpipe.records.read import DatasetError, load_arrays

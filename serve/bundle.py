@@ -15,7 +15,16 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from imgpipe.bundle import CAM_WEIGHTS, MODEL_FILES, SERVING, default_bundle, missing_files
+from imgpipe.bundle import (
+    CAM_WEIGHTS,
+    LABELS,
+    METADATA,
+    MODEL_FILES,
+    PREPROCESS,
+    SERVING,
+    default_bundle,
+    missing_files,
+)
 from imgpipe.images import Geometry, preprocess
 
 __all__ = ["Bundle", "BundleError", "MODEL_FILES", "default_bundle", "missing_files"]
@@ -52,9 +61,9 @@ class Bundle:
             raise BundleError(f"{model_file}: this bundle has no {precision} variant; export it with "
                               "`export.quantize: true`, or serve the fp32 model")
         try:
-            labels = json.loads((folder / "labels.json").read_text())
-            prep = json.loads((folder / "preprocess.json").read_text())
-            metadata = json.loads((folder / "metadata.json").read_text())
+            labels = json.loads((folder / LABELS).read_text())
+            prep = json.loads((folder / PREPROCESS).read_text())
+            metadata = json.loads((folder / METADATA).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise BundleError(f"{folder}: unreadable bundle file ({exc})") from None
         options = ort.SessionOptions()

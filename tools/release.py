@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from imgpipe.bundle import METADATA, missing_files
 from imgpipe.cli import StageError, entry_parser, run
 from imgpipe.files import write_folder_atomic
 
@@ -39,13 +40,12 @@ def example_image() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from serve.bundle import missing_files
 
     missing = missing_files(args.bundle)
     if missing:
         raise StageError(f"--bundle {args.bundle}: not a serving bundle (missing {', '.join(missing)}); "
                          "run `dvc repro` first")
-    metadata = json.loads((args.bundle / "metadata.json").read_text())
+    metadata = json.loads((args.bundle / METADATA).read_text())
     write_folder_atomic(args.out, {path.name: path.read_bytes() for path in sorted(args.bundle.iterdir())
                               if path.is_file()})
     added = subprocess.run([sys.executable, "-m", "dvc", "add", "--quiet", str(args.out)], capture_output=True,

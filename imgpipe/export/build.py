@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgpipe.bundle import CAM_WEIGHTS, MODEL_FILES
+from imgpipe.bundle import CAM_WEIGHTS, LABELS, METADATA, MODEL_FILES, PREPROCESS
 from imgpipe.errors import StageError
 from imgpipe.export.convert import FEATURES, INPUT, PROBABILITIES, cam_kernel, convert, npy, serving_model
 from imgpipe.export.graph import training_ops_left
@@ -100,8 +100,8 @@ def build_bundle(model_path: Path, records: Path, out: Path, reports: Path, timi
         files[MODEL_FILES["int8"]] = int8
 
     pack = params.pack
-    files["labels.json"] = (json.dumps(labels, indent=2) + "\n").encode()
-    files["preprocess.json"] = (json.dumps({"image_size": size, "pad_color": list(pack.pad_color),
+    files[LABELS] = (json.dumps(labels, indent=2) + "\n").encode()
+    files[PREPROCESS] = (json.dumps({"image_size": size, "pad_color": list(pack.pad_color),
                                             "resample": pack.resample}, indent=2) + "\n").encode()
     if dense is not None:
         files[CAM_WEIGHTS] = npy(cam_kernel(dense, len(labels)))
@@ -118,7 +118,7 @@ def build_bundle(model_path: Path, records: Path, out: Path, reports: Path, timi
         "outputs": outputs,
         "metrics": {"accuracy": evaluation.accuracy, "macro_f1": evaluation.macro_f1},
     }
-    files["metadata.json"] = (json.dumps(metadata, indent=2) + "\n").encode()
+    files[METADATA] = (json.dumps(metadata, indent=2) + "\n").encode()
     write_text_atomic(reports / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     if not parity.passed:  # no bundle for a model ONNX Runtime does not reproduce
         raise StageError(f"{model_path}: {parity.failure()}")

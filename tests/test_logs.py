@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -42,3 +43,25 @@ def test_a_stage_that_imports_tensorflow_prints_none_of_its_notices(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert loud.returncode == 0, loud.stderr
     assert "cudart_stub.cc" in loud.stderr or "port.cc" in loud.stderr
+
+
+def test_verbose_flag_and_environment_variable_turn_on_debug_lines(tmp_path):
+    """`--verbose` on any entry point (read by imgpipe.cli.run) or IMGPIPE_VERBOSE=1 sets the
+    pipeline's loggers to DEBUG; without either they log INFO and up."""
+    script = ("import logging, sys\n"
+              "from imgpipe.cli import run\n"
+              "run(lambda: print(logging.getLogger('imgpipe.x').getEffectiveLevel()), 'x')\n")
+    env = {key: value for key, value in os.environ.items() if key != "IMGPIPE_VERBOSE"}
+
+    def level(*args: str, **extra: str) -> str:
+        done = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env={**env, **extra},
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert level() == str(logging.INFO)
+    assert level("--verbose") == level("-v") == str(logging.DEBUG)
+    assert level(IMGPIPE_VERBOSE="1") == str(logging.DEBUG)
+    shown = subprocess.run([sys.executable, "-m", "stages.download", "--help"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60).stdout
+    assert "-v, --verbose" in shown and "IMGPIPE_VERBOSE=1" in shown

@@ -58,8 +58,9 @@ lock:
 data: $(STAMP)
 	@test -e data || { $(RUN) python -m tools.demo_data --out data && $(RUN) dvc add -q data; }
 
+# A failed stage (say, no model beats the baseline) still shows the summary of what did run.
 demo: $(STAMP) data
-	$(RUN) dvc repro
+	$(RUN) dvc repro || { $(RUN) python -m tools.summary; exit 1; }
 	@$(RUN) python -m tools.summary
 	@$(RUN) python -m tools.release
 
@@ -82,11 +83,14 @@ $(BENCH_STAMP):
 	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	touch $@
 
+# One shell, so every script records the same BENCH_RUN_ID (bench/provenance.py) in its results;
+# bench.summary refuses results of different runs.
 bench: $(STAMP) $(BENCH_STAMP)
-	$(RUN) python -m bench.download --img2dataset $(BENCH_VENV)/bin/img2dataset
-	$(RUN) python -m bench.input_pipeline --img2dataset $(BENCH_VENV)/bin/img2dataset
-	$(RUN) python -m bench.train
-	$(RUN) python -m bench.serve
+	export BENCH_RUN_ID="$$(date -u +%Y%m%dT%H%M%SZ)-$$$$" && \
+	$(RUN) python -m bench.download --img2dataset $(BENCH_VENV)/bin/img2dataset && \
+	$(RUN) python -m bench.input_pipeline --img2dataset $(BENCH_VENV)/bin/img2dataset && \
+	$(RUN) python -m bench.train && \
+	$(RUN) python -m bench.serve && \
 	$(RUN) python -m bench.summary --write README.md
 
 clean:

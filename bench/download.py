@@ -8,6 +8,8 @@ gets its own best configuration (one or two processes). Throughput is whole-comm
 interpreter start included, so the two are measured alike; each figure is the median of
 ``--repeat`` interleaved runs, since a shared 2-core machine is noisy. The latency-bound limit is
 ``workers / latency`` URLs/s: no client can beat it, and a good one should come close.
+Every configuration measured is recorded (this stage's worker processes, both img2dataset
+configurations at each total concurrency) with the run that produced it (``bench.provenance``).
 Results go to ``bench/results/download.json``.
 """
 
@@ -24,6 +26,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.provenance import record
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "download"
@@ -55,7 +59,7 @@ def timed(command: list[str], **kwargs) -> tuple[float, float]:
     return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def run_ours(manifest: Path, workers: int) -> dict:
+def run_ours(manifest: Path, workers: int, processes: int) -> dict:
     out = WORK / "ours"
     shutil.rmtree(out, ignore_errors=True)
     log = WORK / "ours.log"
@@ -64,11 +68,13 @@ def run_ours(manifest: Path, workers: int) -> dict:
         sys.executable, "-m", "stages.download", "--params", str(ROOT / "params.yaml"),
         "--manifest", str(manifest), "--out", str(out / "images"),
         "--report", str(out / "report" / "metrics.json"), "--refresh", "--cache-dir", str(WORK / "cache"),
-        "--log", str(log), "--workers", str(workers), "--min-images-per-class", "0", "--min-side", "16",
+        "--log", str(log), "--workers", str(workers), "--processes", str(processes),
+        "--min-images-per-class", "0", "--min-side", "16",
     ], cwd=ROOT)
     report = json.loads((out / "report" / "metrics.json").read_text())
     in_stage = json.loads(log.read_text().splitlines()[-1])["seconds"]
-    return {"seconds": round(seconds, 3), "seconds_inside_stage": in_stage, "kept": report["kept"],
+    return {"processes": processes, "threads_per_process": workers // processes, "seconds": round(seconds, 3),
+            "seconds_inside_stage": in_stage, "kept": report["kept"],
             "images_per_s": round(report["kept"] / seconds, 1),
             "urls_per_s_inside_stage": round(report["total"] / in_stage, 1),
             "cpu_ms_per_url": round(cpu / report["total"] * 1000, 2)}
@@ -94,12 +100,13 @@ def median_run(runs: list[dict]) -> dict:
     return {**ordered[len(ordered) // 2], "images_per_s_all_repeats": [r["images_per_s"] for r in runs]}
 
 
-def compare(binary: str, manifest: Path, workers: int, latency: float, count: int, repeat: int) -> dict:
+def compare(binary: str, manifest: Path, workers: int, processes: int, latency: float, count: int,
+            repeat: int) -> dict:
     ours_runs, theirs_runs = [], {1: [], 2: []}
     for _ in range(repeat):  # interleaved, so a noisy moment hits both tools alike
-        ours_runs.append(run_ours(manifest, workers))
-        for processes in theirs_runs:
-            theirs_runs[processes].append(run_img2dataset(binary, manifest, workers, processes, count))
+        ours_runs.append(run_ours(manifest, workers, processes))
+        for theirs_processes in theirs_runs:
+            theirs_runs[theirs_processes].append(run_img2dataset(binary, manifest, workers, theirs_processes, count))
     ours = median_run(ours_runs)
     theirs = [median_run(runs) for runs in theirs_runs.values()]
     best = max(theirs, key=lambda r: r["images_per_s"])
@@ -124,8 +131,11 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.02)
     parser.add_argument("--workers", type=int, nargs="+", default=[8, 16, 32],
                         help="total concurrency, the same for both tools (default: %(default)s)")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                        help="this stage's worker processes (default: one per core, %(default)s here)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per tool and setting; the median is kept")
     args = parser.parse_args()
+    started = time.time()
     if not args.img2dataset:
         raise SystemExit("bench: img2dataset not found; `make bench` installs it into .venv-bench")
 
@@ -140,7 +150,7 @@ def main() -> None:
             writer.writerow(["url", "label"])
             writer.writerows((f"http://127.0.0.1:{port}{path}", label)
                              for path, label in url_list(args.count, args.bad_fraction))
-        runs = [compare(args.img2dataset, manifest, workers, args.latency, args.count, args.repeat)
+        runs = [compare(args.img2dataset, manifest, workers, args.processes, args.latency, args.count, args.repeat)
                 for workers in args.workers]
     finally:
         server.kill()
@@ -152,6 +162,7 @@ def main() -> None:
         "targets": {"ratio_vs_best_img2dataset": 1.2, "fraction_of_latency_limit": 0.8},
         "runs": runs,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "run": record("bench.download", started),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

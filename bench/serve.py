@@ -15,7 +15,9 @@ static INT8 variant (``imgpipe.export.quantize``). In one run, on this machine, 
 then ``bench.keras_server``, one ``model.predict`` per request as the seeds served, same load.
 Targets, per precision: service >= 0.8x raw ONNX Runtime at concurrency 32, >= 5x the Keras
 service's images/s, single-image (concurrency 1) p50 latency >= 3x better than Keras.
-Results: bench/results/serve.json.
+``ratios`` holds them for the configuration with more images/s at concurrency 32; every
+configuration's figures are recorded, and ``bench.summary`` shows the ratios of each.
+Results: bench/results/serve.json, with the run (``bench.provenance``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.provenance import cpu_model, record
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work" / "serve"
@@ -238,16 +242,6 @@ def measure(name: str, command: list[str], port: int, seconds: float, bodies: li
         process.wait(30)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def onnxruntime_and_service(bundle: Path, size: int, seconds: float, precision: str,
                             bodies: list[bytes]) -> dict:
     """Raw ONNX Runtime's ceiling for one precision, then the service on that graph under load."""
@@ -270,7 +264,8 @@ def onnxruntime_and_service(bundle: Path, size: int, seconds: float, precision: 
     chosen = max(services, key=lambda name: services[name]["32"]["images_per_second"])
     return {"raw_images_per_second": {name: {str(k): v for k, v in speeds.items()} for name, speeds in raw.items()},
             "raw_best": {"configuration": config, "batch": batch, "images_per_second": ceiling},
-            "service_max_batch": batch, "services": services, "service_configuration": chosen}
+            "service_max_batch": batch, "services": services, "service_configuration": chosen,
+            "service_flags": {name: ["--max-batch", str(batch), *flags] for name, flags in SERVICE_CONFIGS.items()}}
 
 
 def ratios_against(run: dict, keras_service: dict) -> dict[str, float]:
@@ -285,6 +280,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--seconds", type=float, default=12.0, help="per load level")
     args = parser.parse_args()
+    started = time.time()
     from serve.bundle import MODEL_FILES
 
     keras_path, bundle = build(args.image_size)
@@ -306,6 +302,7 @@ def main() -> None:
         "ratios": ratios,
         "targets": {precision: {key: {"target": TARGETS[key], "met": value >= TARGETS[key]}
                                 for key, value in by_key.items()} for precision, by_key in ratios.items()},
+        "run": record("bench.serve", started),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")

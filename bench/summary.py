@@ -1,107 +1,462 @@
-"""One table of every benchmark's headline figure against its target, from bench/results/*.json.
+"""README's benchmark figures, generated from bench/results/*.json of one `make bench` run.
 
-    python -m bench.summary                 print the Markdown table
-    python -m bench.summary --write README.md   replace the table between README's bench-summary markers
+    python -m bench.summary                     print every generated block
+    python -m bench.summary --write README.md   replace the blocks between README's bench markers
 
-``make bench`` ends with ``--write README.md``, and a test checks README's table against the
-results files, so the figures in the README are always the measured ones.
+README's benchmark section holds generated blocks between ``<!-- bench:NAME:start -->`` and
+``<!-- bench:NAME:end -->``: the run the figures come from and the table of every headline
+figure against its target (``summary``), then one block of details per benchmark. Every figure
+in them is read from the results files (or computed from figures read there), and each names
+the configuration it was measured in. ``make bench`` ends with ``--write README.md``, and
+tests/test_readme.py checks README's blocks against this rendering and that README has no
+speed, size or memory figure outside them except the few it lists as not benchmark figures.
+
+One run: every bench script records ``"run"`` (``bench.provenance``: the run id that
+``make bench`` exports to all its scripts, the git commit, start time, seconds). Results of
+different runs, or of a script run on its own, are refused. The files written before run
+records existed are accepted only as the exact files listed in UNSTAMPED, and the README then
+says in so many words that they are not verified to be one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-START, END = "<!-- bench-summary:start -->", "<!-- bench-summary:end -->"
+# The files `make bench` writes, in its order. Other files in bench/results/ are not part of it.
+FILES = ("download", "input_pipeline", "train", "serve")
+# Results files written before the bench scripts recorded their run, accepted only byte for byte
+# (sha256) and only all together; their figures are shown, marked as not verified as one run.
+# Delete these entries once `make bench` has rewritten the files with run records.
+UNSTAMPED = {
+    "download": ("3ca8a3fcda69821ddad6a565e01e74dc2fec3820dba49ef44c337cfa33bfab2d",
+                 "from the `make bench` run of commit b5c7f8b"),
+    "input_pipeline": ("71ec82ea3a90d6bae765be06e7d6cffd0084221de219d9768ee006cc6ae9d542",
+                       "from `bench/input_pipeline.py` run again on its own after that `make bench` "
+                       "(commit b5c7f8b's message says so): not the same run as the others"),
+    "serve": ("1fb6a2105fc4698ffba408eb10e08ea394a4f83e137d77784b10da8361658f06",
+              "from the `make bench` run of commit b5c7f8b"),
+    "train": ("82d6dc0587c7f3dc08518344a10385a40ef5169ca867e4dc2e9eedf91db8da75",
+              "from the `make bench` run of commit b5c7f8b"),
+}
+BLOCKS = ("summary", "download", "pack-read", "train", "serve", "small-data")
+# Not a `make bench` script (a quarter of an hour of training at 224 px): its block says so.
+SMALL_DATA = "small_data.json"
 
 
-def machine(result: dict) -> str:
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+
+
+class NotOneRun(ValueError):
+    """The results files are not one `make bench` run (or not the known older files)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def load(results: Path = RESULTS) -> dict[str, dict]:
+    return {name: json.loads((results / f"{name}.json").read_text())
+            for name in FILES if (results / f"{name}.json").is_file()}
+
+
+def provenance(results: Path = RESULTS) -> dict:
+    """``{"run": the shared run record, or None for the known older files, "unstamped": [...]}``;
+    raises NotOneRun with every problem found."""
+    loaded = load(results)
+    problems = [f"bench/results/{name}.json is missing" for name in FILES if name not in loaded]
+    stamped = {name: data["run"] for name, data in loaded.items() if data.get("run")}
+    unstamped = [name for name in loaded if name not in stamped]
+    for name in unstamped:
+        digest = hashlib.sha256((results / f"{name}.json").read_bytes()).hexdigest()
+        if UNSTAMPED.get(name, ("",))[0] != digest:
+            problems.append(f"bench/results/{name}.json records no run (no \"run\" from bench.provenance) and is "
+                            "not the known older file")
+    for name, run in stamped.items():
+        if not run.get("make_bench"):
+            problems.append(f"bench/results/{name}.json is from {run.get('script', name)} run on its own "
+                            f"({run.get('id')}), not from `make bench`")
+    ids = {run.get("id") for run in stamped.values()}
+    if len(ids) > 1:
+        problems.append("bench/results/ mixes runs: " + ", ".join(f"{name}.json {run.get('id')}"
+                                                                  for name, run in sorted(stamped.items())))
+    commits = {run.get("commit") for run in stamped.values()}
+    if len(ids) == 1 and len(commits) > 1:
+        problems.append(f"one run id, several commits: {sorted(map(str, commits))}")
+    if stamped and unstamped:
+        problems.append(f"bench/results/ mixes run {sorted(ids)[0]} ({', '.join(sorted(stamped))}) with older files "
+                        f"that record no run ({', '.join(sorted(unstamped))})")
+    if problems:
+        raise NotOneRun(problems)
+    if unstamped:
+        return {"run": None, "unstamped": sorted(unstamped, key=FILES.index)}
+    first = stamped[FILES[0]]
+    return {"run": {**first, "seconds": {name: stamped[name].get("seconds") for name in FILES}}, "unstamped": []}
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+
+def ratio(value: float) -> str:
+    return f"{value:.2f}x"
+
+
+def share(value: float) -> str:
+    return f"{value:.0%}"
+
+
+def listing(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def old_machine(result: dict) -> str:
     info = result.get("machine", {})
     cpu = info.get("processor") or info.get("platform", "").split("-with-")[0] or "?"
     return f"{info.get('cpus', '?')} CPUs, {cpu}"
 
 
-def row(bench: str, compared: str, value: float, target: float, result: dict, unit: str = "x") -> list[str]:
-    shown = f"{value:.0%}" if unit == "%" else f"{value:.2f}{unit}"
-    wanted = f"{target:.0%}" if unit == "%" else f"{target:g}{unit}"
-    return [bench, compared, shown, f">= {wanted}", "yes" if value >= target else "**no**", machine(result)]
+def threads(processes: int, per_process: int) -> str:
+    return f"{processes} process{'es' if processes != 1 else ''} x {per_process} threads"
 
 
-def rows(results: Path = RESULTS) -> list[list[str]]:
-    def load(name: str) -> dict | None:
-        path = results / f"{name}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+# --- the headline table -----------------------------------------------------------------------
 
+
+def download_config(result: dict, run: dict) -> tuple[str, dict]:
+    """The words naming one download configuration, and img2dataset's faster configuration in it."""
+    best = max(run["img2dataset"], key=lambda r: r["images_per_s"])
+    ours = run["ours"]
+    ours_setup = (threads(ours["processes"], ours["threads_per_process"]) if "processes" in ours
+                  else "processes not recorded")
+    words = (f"{result['urls']} URLs ({share(result['bad_fraction'])} bad), {result['latency_s'] * 1000:g} ms added "
+             f"latency, {run['workers']} workers in all (this stage: {ours_setup}), median of {result['repeat']}")
+    return words, best
+
+
+def serve_services(serve: dict, precision: str) -> list[tuple[str, str, dict]]:
+    """(configuration name, its flags in words, its results) for every service configuration measured."""
+    run = serve["onnxruntime"][precision]
+    out = []
+    for name, levels in run["services"].items():
+        flags = run.get("service_flags", {}).get(name)
+        if flags is None:  # older results: the flags bench/serve.py passed for each configuration
+            one_at_a_time = ["--workers", "1"] if name == "one batch at a time" else []
+            flags = ["--max-batch", str(run["service_max_batch"]), *one_at_a_time]
+        out.append((name, f"`{' '.join(flags)}`", levels))
+    return out
+
+
+def raw_words(run: dict, seconds: float) -> str:
+    best = run["raw_best"]
+    tried = sum(len(batches) for batches in run["raw_images_per_second"].values())
+    return (f"raw ONNX Runtime alone ({best['configuration']}, batch {best['batch']}: the fastest of the {tried} "
+            f"raw configurations, measured again for {seconds:g} s)")
+
+
+def rows(loaded: dict[str, dict]) -> list[list[str]]:
     out: list[list[str]] = []
-    if download := load("download"):
+
+    def row(bench: str, compared: str, value: float, target: float, unit: Callable[[float], str] = ratio) -> None:
+        wanted = share(target) if unit is share else f"{target:g}x"
+        out.append([bench, compared, unit(value), f">= {wanted}", "yes" if value >= target else "**no**"])
+
+    if download := loaded.get("download"):
         targets = download["targets"]
-        default = max(download["runs"], key=lambda run: run["workers"])
-        least = min(download["runs"], key=lambda run: run["workers"])
-        out.append(row("download", f"images/s against img2dataset's best configuration, {default['workers']} workers",
-                       default["ratio_vs_best_img2dataset"], targets["ratio_vs_best_img2dataset"], download))
-        out.append(row("download", f"share of the latency-bound limit, {least['workers']} workers",
-                       least["fraction_of_latency_limit"], targets["fraction_of_latency_limit"], download, "%"))
-    if pipeline := load("input_pipeline"):
-        targets = pipeline["targets"]
+        for run in download["runs"]:
+            words, best = download_config(download, run)
+            row("download", f"images/s against img2dataset at {threads(best['processes'], best['threads_per_process'])}"
+                            f" (the faster of its {len(run['img2dataset'])} configurations at this concurrency); "
+                            f"{words}", run["ratio_vs_best_img2dataset"], targets["ratio_vs_best_img2dataset"])
+            limit = f"{run['workers']} workers / {download['latency_s'] * 1000:g} ms"
+            row("download", f"URLs/s inside the stage as a share of the latency-bound limit ({limit} = "
+                            f"{run['latency_bound_limit_urls_per_s']:g} URLs/s); {words}",
+                run["fraction_of_latency_limit"], targets["fraction_of_latency_limit"], share)
+    if pipeline := loaded.get("input_pipeline"):
+        targets, setup = pipeline["targets"], pipeline.get("setup", {})
+        size, batch = setup.get("image_size", 224), setup.get("batch_size", pipeline["training"]["batch_size"])
         for key in ("photos", "digits"):
-            name = pipeline["sets"][key].split(",")[0]
-            out.append(row("pack", f"images/s against img2dataset to TFRecord, {name}",
-                           pipeline[key]["pack"]["ratio"], targets["pack_ratio"], pipeline))
-            for cached in ("", "_cached"):
-                out.append(row("read", f"{'cached' if cached else 'uncached'} TFRecords against "
-                                       f"`image_dataset_from_directory`, {name}",
-                               pipeline[key]["read"][f"ratio{cached}"], targets["read_ratio"], pipeline))
-        out.append(row("read", "augmented training input against ResNet50V2's training rate",
-                       pipeline["training"]["input_over_training"], targets["input_over_training"], pipeline))
-    if train := load("train"):
-        out.append(row("train", "training images/s from TFRecords against in-memory tensors",
-                       train["ratio"], train["target_ratio"], train))
-    if serve := load("serve"):
-        for precision, ratios in serve["ratios"].items():
-            targets = serve["targets"][precision]
-            for key, compared in (("service_c32_vs_raw_onnxruntime", "service images/s at concurrency 32 against "
-                                                                     "raw ONNX Runtime at its best batch"),
-                                  ("service_c32_vs_keras_c32", "service images/s against per-request Keras (fp32), "
-                                                               "concurrency 32"),
-                                  ("keras_p50_c1_vs_service_p50_c1", "single-image p50 latency, Keras (fp32) over "
-                                                                     "service")):
-                out.append(row("serve", f"{precision}: {compared}", ratios[key], targets[key]["target"], serve))
+            name = pipeline["sets"][key]
+            pack, read = pipeline[key]["pack"], pipeline[key]["read"]
+            processes = (f"`stages.pack` {setup['pack_processes']} processes, img2dataset "
+                         f"{threads(setup['img2dataset_processes'], setup['img2dataset_threads_per_process'])}"
+                         if setup else "processes not recorded")
+            row("pack", f"images/s, `stages.pack` against img2dataset `border` resize to TFRecord, both PNG level 1 at "
+                        f"{size} px ({processes}); {name}; whole-command wall time, median of {pack['runs']}",
+                pack["ratio"], targets["pack_ratio"])
+            row("read", f"images/s, neither side cached: `make_dataset` on the TFRecords against "
+                        f"`image_dataset_from_directory` on the images; {name}; batch {batch}, {size} px, "
+                        "augmentation off, second pass", read["ratio"], targets["read_ratio"])
+            if "ratio_both_cached" in read:
+                row("read", f"images/s, both sides cached in memory after the first pass: `make_dataset(cache=True)` "
+                            f"against `image_dataset_from_directory(...).cache()`; {name}; batch {batch}, {size} px, "
+                            "augmentation off, second pass", read["ratio_both_cached"], targets["read_ratio"])
+        training = pipeline["training"]
+        row("read", f"training input images/s (`make_dataset`, augmentation on; {pipeline['sets']['photos']}) "
+                    f"against ResNet50V2 `train_on_batch` images/s on random tensors; batch {training['batch_size']}, "
+                    f"{size} px",
+            training["input_over_training"], targets["input_over_training"])
+    if train := loaded.get("train"):
+        setup = train["setup"]
+        row("train", f"training images/s fed by the TFRecord pipeline (augmentation on) against the same images as an "
+                     f"in-memory tensor; ResNet50V2, {setup['train_images']} demo digits at {setup['image_size']} px, "
+                     f"batch {setup['batch_size']}, {setup['steps_per_epoch']} steps x {setup['timed_epochs']} timed "
+                     f"epochs, median of {setup['repeat']} alternating runs", train["ratio"], train["target_ratio"])
+    if serve := loaded.get("serve"):
+        keras = serve["keras_per_request"]
+        for precision, run in serve["onnxruntime"].items():
+            targets = {key: value["target"] for key, value in serve["targets"][precision].items()}
+            for name, flags, levels in serve_services(serve, precision):
+                service = f"{precision} service, {name} ({flags})"
+                raw = raw_words(run, serve["seconds_per_level"])
+                row("serve", f"{service}, images/s at concurrency 32 against {raw}",
+                    levels["32"]["images_per_second"] / run["raw_best"]["images_per_second"],
+                    targets["service_c32_vs_raw_onnxruntime"])
+                row("serve", f"{service}, images/s against per-request Keras (fp32), both at concurrency 32",
+                    levels["32"]["images_per_second"] / keras["32"]["images_per_second"],
+                    targets["service_c32_vs_keras_c32"])
+                row("serve", f"single-image p50 latency (concurrency 1), per-request Keras (fp32) over the {service}",
+                    keras["1"]["p50_ms"] / levels["1"]["p50_ms"], targets["keras_p50_c1_vs_service_p50_c1"])
     return out
 
 
 def table(results: Path = RESULTS) -> str:
-    header = ["benchmark", "compared", "measured", "target", "met", "machine"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows(results)]
-    return "\n".join(lines)
+    return markdown_table(["benchmark", "configuration and comparison", "measured", "target", "met"],
+                          rows(load(results)))
 
 
-def replace_block(text: str, block: str) -> str:
-    start, end = text.index(START), text.index(END)
-    return text[:start] + START + "\n" + block + "\n" + text[end:]
+def run_paragraph(results: Path = RESULTS) -> str:
+    origin, loaded = provenance(results), load(results)
+    run = origin["run"]
+    if run is None:
+        notes = [f"`{name}.json` ({old_machine(loaded[name])}) {UNSTAMPED[name][1]}" for name in origin["unstamped"]]
+        return ("**Not verified as one run.** These results files were written before the bench scripts recorded "
+                "which run produced them (no run id, commit or start time in them), so nothing in them shows they "
+                f"come from one `make bench` run, and by the record they do not: {'; '.join(notes)}. The figures "
+                "below are theirs, shown as recorded; the next `make bench` replaces them with files of one run.")
+    machine = run.get("machine", {})
+    commit = (run.get("commit") or "unknown")[:12]
+    dirty = " with uncommitted changes" if run.get("dirty") else ""
+    took = ", ".join(f"{name} {seconds:g} s" for name, seconds in run["seconds"].items())
+    took += f"; {sum(seconds or 0 for seconds in run['seconds'].values()):g} s in all"
+    return (f"Every figure below is from one `make bench` run, `{run['id']}`, at commit `{commit}`{dirty}, started "
+            f"{run.get('started')} on {machine.get('cpus', '?')} CPUs ({machine.get('cpu', '?')}; "
+            f"{machine.get('platform', '?')}). Each script's wall time: {took}.")
+
+
+# --- the details ------------------------------------------------------------------------------
+
+
+def download_block(download: dict) -> str:
+    cpu = [run["ours"]["cpu_ms_per_url"] for run in download["runs"]]
+    cpus = download["machine"]["cpus"]
+    latency = download["latency_s"] * 1000
+    intro = (f"{download['urls']} image URLs on a loopback server that adds {latency:g} ms to every request, "
+             f"{share(download['bad_fraction'])} of them bad (404, HTML, truncated, empty); both tools write plain "
+             f"files without resizing, at the same total concurrency; medians of {download['repeat']} interleaved "
+             f"runs; wall time of the whole command. img2dataset runs in each of its configurations at every "
+             f"concurrency. The latency-bound limit is workers / {latency:g} ms; the CPU-bound limit is {cpus} cores "
+             f"divided by this stage's measured CPU time per URL ({min(cpu):g}-{max(cpu):g} ms here, the server "
+             f"sharing the same cores). The share of the latency limit counts URLs/s inside the stage (interpreter "
+             f"start excluded), since the limit is about steady-state fetching.")
+    configs = sorted({r["processes"] for run in download["runs"] for r in run["img2dataset"]})
+    header = ["workers in all", "this stage: processes x threads", "latency-bound limit (URLs/s)",
+              "CPU-bound limit (URLs/s)", "this stage (images/s)"]
+    header += [f"img2dataset, {processes} process{'es' if processes != 1 else ''} (images/s)"
+               for processes in configs]
+    header += ["ratio to the faster img2dataset", "share of latency limit", "bound by"]
+    body = []
+    for run in download["runs"]:
+        ours = run["ours"]
+        theirs = {r["processes"]: r for r in run["img2dataset"]}
+        cells = [str(run["workers"]),
+                 threads(ours["processes"], ours["threads_per_process"]) if "processes" in ours else "not recorded",
+                 f"{run['latency_bound_limit_urls_per_s']:g}", f"{run['cpu_bound_limit_urls_per_s']:g}",
+                 f"{ours['images_per_s']:g}"]
+        cells += [f"{theirs[p]['images_per_s']:g} ({theirs[p]['threads_per_process']} threads each)" if p in theirs
+                  else "" for p in configs]
+        cpu_bound = run["cpu_bound_limit_urls_per_s"] < run["latency_bound_limit_urls_per_s"]
+        cells += [ratio(run["ratio_vs_best_img2dataset"]), share(run["fraction_of_latency_limit"]),
+                  "the cores (CPU limit below latency limit)" if cpu_bound else "latency"]
+        body.append(cells)
+    return intro + "\n\n" + markdown_table(header, body)
+
+
+def pack_read_block(pipeline: dict) -> str:
+    setup = pipeline.get("setup")
+    size = setup["image_size"] if setup else 224
+    processes = (f"`stages.pack` with {setup['pack_processes']} processes, img2dataset with "
+                 f"{threads(setup['img2dataset_processes'], setup['img2dataset_threads_per_process'])}"
+                 if setup else "process counts not recorded in this results file")
+    runs = {pipeline[key]["pack"]["runs"] for key in pipeline["sets"]}
+    intro = (f"At {size}x{size}; whole-command wall time for packing (TensorFlow import included, median of "
+             f"{listing(sorted(map(str, runs)))} interleaved runs; {processes}), second pass for reading "
+             "(augmentation off in both).")
+    cached = all("ratio_both_cached" in pipeline[key]["read"] for key in pipeline["sets"])
+    header = ["images", "pack (images/s)", "img2dataset `border` to TFRecord", "ratio", "read, not cached",
+              "`image_dataset_from_directory`, not cached", "ratio"]
+    if cached:
+        header += ["read, cached", "`image_dataset_from_directory(...).cache()`", "ratio"]
+    body = []
+    for key, name in pipeline["sets"].items():
+        pack, read = pipeline[key]["pack"], pipeline[key]["read"]
+        cells = [name, f"{pack['ours_images_per_s']:g}", f"{pack['img2dataset_images_per_s']:g}", ratio(pack["ratio"]),
+                 f"{read['ours_images_per_s']:g}", f"{read['image_dataset_from_directory_images_per_s']:g}",
+                 ratio(read["ratio"])]
+        if cached:
+            cells += [f"{read['ours_cached_images_per_s']:g}",
+                      f"{read['image_dataset_from_directory_cached_images_per_s']:g}", ratio(read["ratio_both_cached"])]
+        body.append(cells)
+    training = pipeline["training"]
+    photos = pipeline["photos"]["read"]
+    target = pipeline["targets"]["read_ratio"]
+    uncached = [f"{ratio(pipeline[key]['read']['ratio'])} on {key}" for key in pipeline["sets"]]
+    met = all(pipeline[key]["read"]["ratio"] >= target for key in pipeline["sets"])
+    text = (f"The training input pipeline with augmentation on delivers "
+            f"{photos['ours_with_augmentation_images_per_s']:g} images/s on the photos against ResNet50V2's "
+            f"{training['resnet50v2_images_per_s']:g} training images/s at batch {training['batch_size']} on this CPU: "
+            f"{ratio(training['input_over_training'])}. Reading without a cache, the {target:g}x target is "
+            f"{'met' if met else 'not met'} here ({listing(uncached)}).")
+    if not cached:
+        text += (" This results file times our reader cached but Keras' only uncached, which is no comparison, so "
+                 "no cached figure is shown; `make bench` now times both sides cached.")
+    return intro + "\n\n" + markdown_table(header, body) + "\n\n" + text
+
+
+def train_block(train: dict) -> str:
+    setup, runs = train["setup"], train["runs"]
+    met = "met" if train["ratio"] >= train["target_ratio"] else "not met"
+    return (f"ResNet50V2 training images/s ({setup['train_images']} demo digits at {setup['image_size']} px, batch "
+            f"{setup['batch_size']}, {setup['steps_per_epoch']} steps a timed epoch, {setup['timed_epochs']} timed "
+            f"epochs after a warm-up one) fed by the real TFRecord pipeline with augmentation, against the same images "
+            f"from an in-memory tensor; medians of {setup['repeat']} alternating runs: pipeline "
+            f"{train['tfrecord_pipeline_images_per_s']:g}, in memory {train['in_memory_images_per_s']:g} training "
+            f"images/s, ratio {train['ratio']:g} against a target of at least {train['target_ratio']:g}: {met} (runs: "
+            f"pipeline {listing([f'{r:g}' for r in runs['tfrecord_pipeline']])}, in memory "
+            f"{listing([f'{r:g}' for r in runs['in_memory']])}).")
+
+
+def serve_block(serve: dict) -> str:
+    keras = serve["keras_per_request"]
+    body = []
+    for precision, run in serve["onnxruntime"].items():
+        best = run["raw_best"]
+        body.append([f"{precision}: raw ONNX Runtime alone ({best['configuration']}, batch {best['batch']})",
+                     f"{best['images_per_second']:.1f}", "", ""])
+        for name, flags, levels in serve_services(serve, precision):
+            for level, figures in levels.items():
+                body.append([f"{precision} service, {name} ({flags}), concurrency {level}",
+                             f"{figures['images_per_second']:.1f}", f"{figures['p50_ms']:.0f} ms",
+                             f"{figures['p99_ms']:.0f} ms"])
+    for level, figures in keras.items():
+        body.append([f"Keras fp32, one `model.predict` per request, concurrency {level}",
+                     f"{figures['images_per_second']:.1f}", f"{figures['p50_ms']:.0f} ms",
+                     f"{figures['p99_ms']:.0f} ms"])
+    intro = (f"{serve['model']}. Closed-loop clients send photo-sized JPEGs over keep-alive connections with "
+             f"prebuilt requests, {serve['seconds_per_level']:g} s per concurrency level, to each service in its own "
+             f"process; every service configuration measured is listed, with its flags.")
+    ceilings = [f"{precision} {ratio(run['raw_best']['images_per_second'] / keras['32']['images_per_second'])}"
+                for precision, run in serve["onnxruntime"].items()]
+    text = ("Raw ONNX Runtime alone (no HTTP, no decoding, no batching) over per-request Keras at concurrency 32, "
+            f"the most any service on this graph could reach against Keras here: {listing(ceilings)}.")
+    return intro + "\n\n" + markdown_table(["", "images/s", "p50", "p99"], body) + "\n\n" + text
+
+
+def small_data_block(small: dict) -> str:
+    """Before and after on the small set, with where the figures come from (a run of its own)."""
+    run = small.get("run") or {}
+    pack = small.get("pack") or {}
+    body = []
+    for name, row in small["configs"].items():
+        changed = ", ".join(f"`{key}` {value}" for key, value in row["params"].items()
+                            if key in ("batchnorm_momentum", "warmup_epochs", "weight_decay"))
+        val, test = row["val"], row["test"]
+        body.append([f"{name} ({changed})", f"{val['accuracy']:.3f} / {val['macro_f1']:.3f}",
+                     f"{test['accuracy']:.3f} / {test['macro_f1']:.3f}", f"{val['baseline_macro_f1']:.3f}",
+                     "yes" if row["beats_baseline"] else "**no**", f"{row['best_epoch']} of {row['epochs_run']}",
+                     f"{max(row['val_loss']):.2f}", f"{row['seconds']:.0f} s"])
+    if run:
+        dirty = " with uncommitted changes" if run.get("dirty") else ""
+        origin = (f"`{run['id']}`, commit `{(run.get('commit') or 'unknown')[:12]}`{dirty}, started "
+                  f"{run.get('started')}, {run.get('machine', {}).get('cpus', '?')} CPUs")
+    else:
+        origin = "a run from before its results recorded one: no commit or start time in the file"
+    intro = (f"`python -m bench.small_data`, run on its own ({origin}; not part of a "
+             f"`make bench` run): ResNet50V2 from scratch at 224 px on {sum(pack.values()) if pack else '?'} photos "
+             f"of two handwritten digits ({listing([f'{n} {split}' for split, n in pack.items()])}), the old "
+             "defaults against the new, everything else as in `params.yaml`.")
+    header = ["configuration", "val accuracy / macro-F1", "test accuracy / macro-F1", "guess macro-F1",
+              "beats baseline", "best epoch", "highest val loss", "time"]
+    return intro + "\n\n" + markdown_table(header, body)
+
+
+def render(results: Path = RESULTS) -> dict[str, str]:
+    """Every generated block by name; raises NotOneRun for results that are not one run."""
+    paragraph = run_paragraph(results)
+    loaded = load(results)
+    return {"summary": paragraph + "\n\n" + table(results),
+            "download": download_block(loaded["download"]),
+            "pack-read": pack_read_block(loaded["input_pipeline"]),
+            "train": train_block(loaded["train"]),
+            "serve": serve_block(loaded["serve"]),
+            **({"small-data": small_data_block(json.loads((results / SMALL_DATA).read_text())["small"])}
+               if (results / SMALL_DATA).is_file() else {})}
+
+
+def blocks_in(text: str) -> dict[str, str]:
+    """The generated blocks of a Markdown text, by name (those it has)."""
+    found = {}
+    for name in BLOCKS:
+        start, end = markers(name)
+        if start in text and end in text:
+            found[name] = text[text.index(start) + len(start):text.index(end)].strip()
+    return found
+
+
+def replace_blocks(text: str, blocks: dict[str, str]) -> str:
+    for name, block in blocks.items():
+        start, end = markers(name)
+        head, tail = text[:text.index(start)], text[text.index(end):]
+        text = head + start + "\n" + block + "\n" + tail
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.summary", description=__doc__.split("\n")[0])
-    parser.add_argument("--write", type=Path, metavar="MARKDOWN", help="replace the table in this file")
+    parser.add_argument("--write", type=Path, metavar="MARKDOWN", help="replace the generated blocks in this file")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results folder (default: bench/results)")
     args = parser.parse_args(argv)
-    block = table()
+    try:
+        blocks = render(args.results)
+    except NotOneRun as exc:
+        print("bench.summary: the results are not one `make bench` run, refusing:\n  " + "\n  ".join(exc.problems),
+              file=sys.stderr)
+        return 1
     if not args.write:
-        print(block)
+        print("\n\n".join(f"{markers(name)[0]}\n{block}\n{markers(name)[1]}" for name, block in blocks.items()))
         return 0
     try:
         text = args.write.read_text()
     except OSError as exc:
         print(f"{args.write}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    if START not in text or END not in text:
-        print(f"{args.write}: no {START} ... {END} markers to replace", file=sys.stderr)
+    missing = [name for name in BLOCKS if not all(marker in text for marker in markers(name))]
+    if missing:
+        print(f"{args.write}: no {' / '.join(markers(missing[0]))} markers (missing: {', '.join(missing)})",
+              file=sys.stderr)
         return 1
-    args.write.write_text(replace_block(text, block))
-    print(f"bench.summary: table written to {args.write}")
+    args.write.write_text(replace_blocks(text, blocks))
+    print(f"bench.summary: {len(blocks)} blocks written to {args.write}")
     return 0
 
 

@@ -25,6 +25,7 @@ import time
 
 from bench.download import ROOT
 from bench.input_pipeline import WORK, run, validated
+from bench.provenance import record
 
 RESULTS = ROOT / "bench" / "results" / "train.json"
 
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per measurement, the first not counted")
     parser.add_argument("--repeat", type=int, default=2, help="alternating measurements of each feed")
     args = parser.parse_args()
+    started = time.time()
 
     records = pack_digits(args.size)
     import keras
@@ -108,6 +110,7 @@ def main() -> None:
         "ratio": round(pipeline_rate / memory_rate, 3),
         "target_ratio": 0.95,
         "runs": {name: [round(r, 2) for r in values] for name, values in rates.items()},
+        "run": record("bench.train", started),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

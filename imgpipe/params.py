@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from imgpipe.bundle import SERVING
 from imgpipe.errors import ParamsError
@@ -62,12 +62,20 @@ Channel = Annotated[int, Field(ge=0, le=255)]
 
 class PackParams(Section):
     image_size: PositiveInt = 224
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2  # chooses: best epoch, best trial, served model
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # chooses nothing: reported once, at the end
     seed: int = 42
     shard_size: PositiveInt = 1000
     pad_color: Annotated[list[Channel], Field(min_length=3, max_length=3)] = Field(default_factory=lambda: [0, 0, 0])
     resample: Resample = "bilinear"
     processes: NonNegativeInt = 0
+
+    @model_validator(mode="after")
+    def _training_images_left(self) -> PackParams:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"val_fraction + test_fraction must be below 1, so that some images train "
+                             f"(got {self.val_fraction} + {self.test_fraction})")
+        return self
 
 
 class AugmentParams(Section):
@@ -90,6 +98,15 @@ class ResnetParams(Section):
     class_weighting: bool = True  # weight the loss so that rare classes count as much as common ones
     augment: bool = True  # apply the augment: section to the training images
     dropout: Fraction = 0.0
+    # 0.9, not Keras' 0.99: at inference BatchNormalization uses running statistics, which at 0.99
+    # still hold most of their initial values after the few hundred steps a small data set gives.
+    batchnorm_momentum: Annotated[float, Field(gt=0, lt=1)] = 0.9
+    warmup_epochs: NonNegativeInt = 1  # the learning rate rises linearly from 0 over these epochs
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0  # decoupled (AdamW, SGD's weight_decay)
+    # none (from scratch), imagenet (Keras downloads them: needs internet), or the path of a
+    # .weights.h5 file of this architecture (declare it as a dependency in dvc.yaml)
+    weights: str = "none"
+    freeze_epochs: NonNegativeInt = 0  # with weights: epochs training only the new head first
     seed: int = 42
 
 
@@ -155,6 +172,8 @@ def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
+    if error["type"] == "value_error" and isinstance(error.get("input"), dict):  # a check across keys
+        return f"{key}: {str(error['ctx']['error'])}"
     got = error.get("input")
     return f"{key}: {error['msg'][0].lower()}{error['msg'][1:]} (got {got!r})"
 

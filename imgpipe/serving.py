@@ -1,11 +1,12 @@
 """The released candidate: the serving bundle, a Triton model repository, and the service
 checked over HTTP.
 
-Picks the bundle (``serve.model``: ``best`` is the higher validation macro-F1), copies it to the
-serving folder, writes a Triton repository (``<name>/config.pbtxt`` with dynamic batching on the
-ONNX Runtime backend, ``<name>/1/model.onnx``, ``<name>/labels.txt``), then starts the service
-(``serve.app``) in-process and sends it every validation image over HTTP. The metrics: HTTP
-accuracy (must equal the bundle's offline accuracy) and agreement with ONNX Runtime on the same
+Picks the bundle (``serve.model``: ``best`` is the highest validation macro-F1 among the models
+that beat the weighted random guess; test plays no part), copies it to the serving folder, writes
+a Triton repository (``<name>/config.pbtxt`` with dynamic batching on the ONNX Runtime backend,
+``<name>/1/model.onnx``, ``<name>/labels.txt``), then starts the service (``serve.app``)
+in-process and sends it every validation and test image over HTTP. The metrics, per split: HTTP
+accuracy (must equal the bundle's offline accuracy), and agreement with ONNX Runtime on the same
 pixels; latency and throughput differ on every run, so they go to an untracked timings file.
 """
 
@@ -24,19 +25,30 @@ from imgpipe.bundle import LABELS, METADATA, MODEL_FILES
 from imgpipe.errors import StageError
 from imgpipe.files import write_folder_atomic, write_text_atomic
 from imgpipe.params import ServeParams
+from imgpipe.training.evaluation import side_by_side
 
 CLIENTS = 8  # concurrent HTTP clients in the check: enough for the batcher to form batches
+SPLITS = ("val", "test")  # checked over HTTP; train is not (the model has seen it)
 
 
 def choose(bundles: Path, wanted: str) -> Path:
-    """The bundle named ``wanted``, or for ``best`` the one with the highest validation macro-F1."""
+    """The bundle named ``wanted``, or for ``best`` the one with the highest validation macro-F1
+    among those that beat the weighted random guess (none: a StageError saying so). A model
+    named explicitly is served even below the baseline: someone asked for it by name."""
     found = {}
     for folder in sorted(p for p in bundles.iterdir() if (p / METADATA).is_file()):
-        found[folder.name] = json.loads((folder / METADATA).read_text())
+        found[folder.name] = json.loads((folder / METADATA).read_text())["metrics"]
     if not found:
         raise StageError(f"--bundles {bundles}: no exported bundle (run the export stage)")
     if wanted == "best":
-        return bundles / max(sorted(found), key=lambda name: found[name]["metrics"]["macro_f1"])
+        learned = [name for name in sorted(found) if found[name]["beats_baseline"]]
+        if not learned:
+            margin = next(iter(found.values()))["baseline_margin"]
+            scores = ", ".join(f"{name} {m['val']['macro_f1']:.3f} (guess {m['val']['baseline_macro_f1']:.3f})"
+                               for name, m in sorted(found.items()))
+            raise StageError(f"no model beats the weighted random guess by {margin} val macro-F1 ({scores}): "
+                             "nothing to serve; see reports/train_*/metrics.json and reports/train_*/pictures/")
+        return bundles / max(learned, key=lambda name: found[name]["val"]["macro_f1"])
     if wanted not in found:
         raise StageError(f"serve.model: no bundle {wanted!r} in {bundles} (there are: {', '.join(sorted(found))})")
     return bundles / wanted
@@ -82,10 +94,10 @@ def check_over_http(bundle_dir: Path, images: np.ndarray, p: ServeParams):  # ty
     with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         def send(index: int) -> tuple[list[float], float]:
             started = time.perf_counter()
-            response = client.post("/predict", files={"image": (f"val-{index}.png", png(images[index]), "image/png")})
+            response = client.post("/predict", files={"image": (f"image-{index}.png", png(images[index]), "image/png")})
             elapsed = time.perf_counter() - started
             if response.status_code != 200:
-                raise StageError(f"the service answered validation image {index} with HTTP "
+                raise StageError(f"the service answered image {index} with HTTP "
                                  f"{response.status_code}: {response.text[:200]}")
             scores = response.json()["scores"]
             return [scores[label] for label in labels], elapsed
@@ -103,11 +115,12 @@ class Served:
 
     def require_agreement(self) -> None:
         """Refuse a service that disagrees with the offline model."""
-        http_accuracy, offline = self.metrics["http_accuracy"], self.metrics["offline_accuracy"]
         agreement = self.metrics["agreement_with_onnxruntime"]
-        if abs(http_accuracy - offline) > 1e-9 or agreement != 1.0:
-            raise StageError(f"the service disagrees with the offline model: HTTP accuracy {http_accuracy:.4f}, "
-                             f"offline {offline:.4f}, top-1 agreement {agreement:.4f}")
+        for split in SPLITS:
+            http_accuracy, offline = self.metrics["http_accuracy"][split], self.metrics["offline_accuracy"][split]
+            if abs(http_accuracy - offline) > 1e-6 or agreement != 1.0:
+                raise StageError(f"the service disagrees with the offline model on {split}: HTTP accuracy "
+                                 f"{http_accuracy:.4f}, offline {offline:.4f}, top-1 agreement {agreement:.4f}")
 
 
 def build_serving(bundles: Path, records: Path, out: Path, triton: Path, reports: Path, timings_path: Path,
@@ -128,19 +141,25 @@ def build_serving(bundles: Path, records: Path, out: Path, triton: Path, reports
     from imgpipe.records.read import DatasetError, load_arrays
 
     try:
-        images, y_true = load_arrays(records, "val", metadata["input"]["shape"][1])
+        arrays = {split: load_arrays(records, split, metadata["input"]["shape"][1]) for split in SPLITS}
     except DatasetError as exc:
         raise StageError(f"--records {records}: {exc}") from None
+    images = np.concatenate([arrays[split][0] for split in SPLITS])
     started = time.perf_counter()
     http_probs, latencies, bundle = check_over_http(out, images, p)
     seconds = time.perf_counter() - started
 
     direct, _ = bundle.predict(images)
-    http_accuracy = float(np.mean(http_probs.argmax(1) == y_true))
-    offline = float(metadata["metrics"]["accuracy"])
+    checked, start = {}, 0
+    for split in SPLITS:
+        y_true = arrays[split][1]
+        predicted = http_probs[start:start + len(y_true)].argmax(1)
+        start += len(y_true)
+        checked[split] = {"images": len(y_true), "http_accuracy": round(float(np.mean(predicted == y_true)), 6),
+                          "offline_accuracy": metadata["metrics"][split]["accuracy"]}
     metrics = {
-        "model": name, "version": metadata["version"], "images": len(images),
-        "http_accuracy": http_accuracy, "offline_accuracy": offline,
+        "model": name, "version": metadata["version"], "beats_baseline": metadata["metrics"]["beats_baseline"],
+        **side_by_side(checked),
         # Batches of other sizes may round the last bits differently: agreement, not equality of bits.
         "agreement_with_onnxruntime": float(np.mean(http_probs.argmax(1) == direct.argmax(1))),
         "max_abs_diff_onnxruntime": float(f"{float(np.max(np.abs(http_probs - direct))):.1e}"),

@@ -19,14 +19,14 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from imgpipe.bundle import SERVING
+from imgpipe.bundle import METADATA, SERVING
 from serve.annotate import annotate as draw_annotation
 from serve.batcher import Batcher, QueueFull
-from serve.bundle import Bundle
+from serve.bundle import Bundle, BundleError
 from serve.errors import ApiError
 from serve.inputs import (
     JSON,
@@ -89,12 +89,28 @@ class BatchResponse(BaseModel):
     results: list[Prediction | ErrorResponse] = Field(description="one per image, in the order sent")
 
 
+class SplitMetrics(BaseModel):
+    accuracy: float = Field(description="top-1 accuracy of the exported fp32 ONNX model on this split")
+    macro_f1: float = Field(description="F1 averaged over the labels, each label counting the same")
+    baseline_macro_f1: float = Field(description="expected macro-F1 of the weighted random guess (each label "
+                                                 "guessed as often as it occurs in this split)")
+
+
+class ModelMetrics(BaseModel):
+    val: SplitMetrics = Field(description="validation split: it chose the best epoch, trial and served model")
+    test: SplitMetrics = Field(description="held-out test split: played no part in any choice, measured once")
+    beats_baseline: bool = Field(description="whether val macro-F1 is at least baseline_margin above the weighted "
+                                             "random guess's (`serve.model: best` serves only such a model)")
+    baseline_margin: float = Field(description="the margin beats_baseline asks for, in macro-F1")
+
+
 class Metadata(BaseModel):
     name: str
     version: str
     labels: list[str] = Field(description="labels in output index order")
     input_size: int = Field(description="side of the square the image is letterboxed into")
-    metrics: dict[str, float] = Field(description="validation metrics of the exported model")
+    metrics: ModelMetrics = Field(description="the exported model's metrics, on val and on the held-out test "
+                                              "split separately")
     dataset: str = Field(description="hash of the TFRecords the model was trained on")
     class_activation_maps: bool = Field(description="whether /annotate can draw heatmaps")
     precision: str = Field(description="fp32 (model.onnx) or int8 (model.int8.onnx)")
@@ -196,9 +212,21 @@ class Timing:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
+def bundle_metrics(bundle: Bundle) -> ModelMetrics:
+    """The metrics /metadata shows; a bundle without them in the val/test layout does not start (one line)."""
+    try:
+        return ModelMetrics.model_validate(bundle.metadata.get("metrics"))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(["metrics", *map(str, first["loc"])])
+        raise BundleError(f"{bundle.folder / METADATA}: {where}: {first['msg']} (not the val/test layout of this "
+                          "version's export); re-export the model with `dvc repro` and release it again") from None
+
+
 def create_app(settings: Settings, bundle: Bundle | None = None) -> FastAPI:
     bundle = bundle or Bundle.load(settings.bundle, settings.threads, spin=False,
                                    precision=settings.precision)
+    model_metrics = bundle_metrics(bundle)
     metrics = Metrics()
     state: dict = {}
 
@@ -284,9 +312,8 @@ def create_app(settings: Settings, bundle: Bundle | None = None) -> FastAPI:
 
     @app.get("/metadata", response_model=Metadata, summary="the model behind the service")
     async def metadata() -> Metadata:
-        numbers = {key: float(value) for key, value in bundle.metadata.get("metrics", {}).items()}
         return Metadata(name=bundle.name, version=bundle.version, labels=bundle.labels,
-                        input_size=bundle.image_size, metrics=numbers,
+                        input_size=bundle.image_size, metrics=model_metrics,
                         dataset=str(bundle.metadata.get("dataset", "")),
                         class_activation_maps=bundle.cam_weights is not None, precision=bundle.precision)
 

@@ -23,7 +23,7 @@ NAME = "export"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = entry_parser(f"python -m stages.{NAME}", __doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="trained model.keras")
-    parser.add_argument("--records", type=Path, required=True, help="TFRecords folder (validation split, labels)")
+    parser.add_argument("--records", type=Path, required=True, help="TFRecords folder (val and test splits, labels)")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     parser.add_argument("--reports", type=Path, default=None,
                         help="folder for metrics.json (default: reports/export/NAME)")
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parity, metrics, timings = exported.parity, exported.metrics, exported.timings
     line = (f"{NAME}: {name}: parity on {parity.images} val images: max |keras - onnx| {parity.max_diff:.1e}, "
-            f"top-1 agreement {parity.agreement:.3f}; accuracy {metrics['accuracy']:.3f}; "
+            f"top-1 agreement {parity.agreement:.3f}; val accuracy {metrics['accuracy']['val']:.3f}, test "
+            f"{metrics['accuracy']['test']:.3f}; "
             f"{timings['onnx_images_per_second']:.0f} images/s in ONNX Runtime")
     if "int8" in metrics:
         line += (f"; INT8 {timings['int8_speedup']:.2f}x faster, accuracy change "

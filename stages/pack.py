@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     write_report(args.report, report, skipped)
 
     seconds = time.monotonic() - started
-    total = report["images"]["train"] + report["images"]["val"]
-    print(f"{NAME}: {total} images ({report['images']['train']} train, {report['images']['val']} val) in "
+    images = report["images"]
+    total = sum(images.values())
+    print(f"{NAME}: {total} images ({images['train']} train, {images['val']} val, {images['test']} test) in "
           f"{report['classes']} classes at {p.image_size}x{p.image_size}, {len(skipped)} skipped; "
           f"{seconds:.1f} s, {total / seconds:.0f} images/s")
 

@@ -4,7 +4,8 @@
         --triton build/triton --reports reports/serve
 
 Which bundle, the Triton repository and the HTTP check are ``imgpipe.serving``'s. DVC metrics:
-HTTP accuracy (must equal the bundle's offline accuracy) and agreement with ONNX Runtime.
+HTTP accuracy on val and test (each must equal the bundle's offline accuracy) and agreement with
+ONNX Runtime.
 Latency and throughput go to ``logs/serve.json``: timings differ on every run, so they are not
 DVC outputs.
 """
@@ -25,7 +26,7 @@ NAME = "serve"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = entry_parser(f"python -m stages.{NAME}", __doc__.split("\n")[0])
     parser.add_argument("--bundles", type=Path, required=True, help="folder of exported bundles (one per model)")
-    parser.add_argument("--records", type=Path, required=True, help="TFRecords folder (the validation split)")
+    parser.add_argument("--records", type=Path, required=True, help="TFRecords folder (the val and test splits)")
     parser.add_argument("--out", type=Path, required=True, help="serving bundle folder to write")
     parser.add_argument("--triton", type=Path, required=True, help="Triton model repository to write")
     parser.add_argument("--reports", type=Path, default=Path("reports/serve"), help="metrics.json folder")
@@ -40,11 +41,16 @@ def main(argv: list[str] | None = None) -> None:
     p = params_module.load_for(args).serve
     served = build_serving(args.bundles, args.records, args.out, args.triton, args.reports, args.timings, p)
     metrics, timings = served.metrics, served.timings
-    print(f"{NAME}: {metrics['model']} {metrics['version']}: {metrics['images']} val images over HTTP, "
-          f"accuracy {metrics['http_accuracy']:.3f} (offline {metrics['offline_accuracy']:.3f}), agreement with "
-          f"ONNX Runtime {metrics['agreement_with_onnxruntime']:.3f}; {timings['images_per_second']:.0f} images/s, "
+    images, http, offline = metrics["images"], metrics["http_accuracy"], metrics["offline_accuracy"]
+    print(f"{NAME}: {metrics['model']} {metrics['version']}: {images['val']} val + {images['test']} test images "
+          f"over HTTP, val accuracy {http['val']:.3f} (offline {offline['val']:.3f}), test "
+          f"{http['test']:.3f} (offline {offline['test']:.3f}), agreement with ONNX Runtime "
+          f"{metrics['agreement_with_onnxruntime']:.3f}; {timings['images_per_second']:.0f} images/s, "
           f"p50 {timings['p50_ms']:.0f} ms, p99 {timings['p99_ms']:.0f} ms with {timings['clients']} clients; "
           f"Triton repository {args.triton}")
+    if not metrics["beats_baseline"]:  # only when serve.model names it: `best` never picks such a model
+        print(f"{NAME}: WARNING: {metrics['model']} is NO BETTER THAN CHANCE on val, served only because "
+              f"serve.model names it")
     served.require_agreement()  # after the summary line, which shows how far off the service is
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from imgpipe import params as params_module
 from imgpipe.cli import run
 from imgpipe.training.automl import search
-from imgpipe.training.reports import trainer_parser
+from imgpipe.training.reports import print_summary, trainer_parser
 
 NAME = "train_automl"
 
@@ -35,12 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     params = params_module.load_for(args)
     started = time.monotonic()
     searched = search(params, args.records, args.out, args.reports, args.workdir, args.params)
-    evaluation = searched.evaluation
     seconds = time.monotonic() - started
-    print(f"{NAME}: val accuracy {evaluation.accuracy:.3f}, macro-F1 {evaluation.macro_f1:.3f} "
-          f"(weighted random {evaluation.baseline_macro_f1:.3f}); best of {searched.trials_run} trials: "
-          f"#{searched.best_trial} ({searched.architecture}), epoch {searched.best_epoch}; {seconds:.0f} s; "
-          f"model {args.out / 'model.keras'}")
+    print_summary(NAME, searched.scores, f"best of {searched.trials_run} trials: #{searched.best_trial} "
+                  f"({searched.architecture}), epoch {searched.best_epoch}; {seconds:.0f} s; "
+                  f"model {args.out / 'model.keras'}", args.reports)
 
 
 if __name__ == "__main__":

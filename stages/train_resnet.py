@@ -1,4 +1,4 @@
-"""Stage 3a, train ResNet50V2 from scratch on the packed TFRecords.
+"""Stage 3a, train ResNet50V2 on the packed TFRecords (from scratch unless train.resnet.weights).
 
     python -m stages.train_resnet --records build/tfrecords --out build/models/resnet50v2 \\
         --reports reports/train_resnet
@@ -14,7 +14,7 @@ import time
 
 from imgpipe import params as params_module
 from imgpipe.cli import run
-from imgpipe.training.reports import trainer_parser
+from imgpipe.training.reports import print_summary, trainer_parser
 from imgpipe.training.resnet import train
 
 NAME = "train_resnet"
@@ -30,11 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     params = params_module.load_for(args)
     started = time.monotonic()
     trained = train(params, args.records, args.out, args.reports, args.params, NAME)
-    evaluation = trained.evaluation
     seconds = time.monotonic() - started
-    print(f"{NAME}: val accuracy {evaluation.accuracy:.3f}, macro-F1 {evaluation.macro_f1:.3f} "
-          f"(weighted random {evaluation.baseline_macro_f1:.3f}); best epoch {trained.best_epoch} of "
-          f"{trained.epochs_run}; {seconds:.0f} s; model {args.out / 'model.keras'}")
+    print_summary(NAME, trained.scores, f"best epoch {trained.best_epoch} of {trained.epochs_run}; "
+                  f"{seconds:.0f} s; model {args.out / 'model.keras'}", args.reports)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from imgpipe.training.evaluation import (
+    BASELINE_MARGIN,
+    Scores,
     class_probabilities,
     confusion_rows,
     evaluate,
@@ -38,8 +40,7 @@ def test_metrics_match_a_hand_computed_example():
     assert ev.per_class["cat"]["support"] == 4
     assert ev.baseline_accuracy == pytest.approx(0.5**2 + 0.25**2 + 0.25**2)
     assert ev.baseline_macro_f1 == pytest.approx(1 / 3)
-    metrics = ev.metrics()
-    assert metrics["accuracy"] == 0.75 and set(metrics["per_class"]) == set(LABELS)
+    assert ev.headline()["accuracy"] == 0.75 and set(ev.per_class_metrics()) == set(LABELS)
 
 
 def test_weighted_random_baseline_matches_simulation():
@@ -74,9 +75,33 @@ def test_pictures_are_written_and_identical_across_runs(tmp_path):
     images = rng.integers(0, 256, size=(40, 24, 24, 3)).astype(np.float32)
     ev = evaluate(y_true, outputs, LABELS)
     for run in ("a", "b"):
-        plot_confusion(ev, tmp_path / run / "confusion.png")
+        plot_confusion(ev, tmp_path / run / "confusion.png", "Confusion matrix")
         plot_mistakes(images, y_true, outputs, LABELS, tmp_path / run / "mistakes.png")
     for name in ("confusion.png", "mistakes.png"):
         first = (tmp_path / "a" / name).read_bytes()
         assert first.startswith(b"\x89PNG") and len(first) > 1000
         assert first == (tmp_path / "b" / name).read_bytes()
+
+
+def test_the_baseline_guard_is_val_macro_f1_against_the_guess_plus_the_margin():
+    y_true = np.array([0] * 6 + [1] * 4)  # the weighted random guess scores macro-F1 0.5
+    majority = evaluate(y_true, one_hot([0] * 10, 2), ["a", "b"])  # always the common class
+    perfect = evaluate(y_true, one_hot(list(y_true), 2), ["a", "b"])
+    assert majority.baseline_macro_f1 == pytest.approx(0.5) and majority.macro_f1 == pytest.approx(0.375)
+    # Test plays no part: a perfect test score does not rescue a chance-level val score.
+    stuck = Scores(val=majority, test=perfect)
+    assert not stuck.beats_baseline and "NO BETTER THAN CHANCE" in stuck.warning()
+    assert stuck.metrics()["beats_baseline"] is False and stuck.metrics()["baseline_margin"] == BASELINE_MARGIN
+    # Side by side for `dvc metrics show`: accuracy.val, accuracy.test, macro_f1.val, ...
+    assert list(stuck.metrics())[:2] == ["accuracy", "macro_f1"]
+    assert stuck.metrics()["accuracy"] == {"val": 0.6, "test": 1.0}
+    learned = Scores(val=perfect, test=majority)
+    assert learned.beats_baseline and learned.warning() is None
+    assert "test accuracy 0.600" in learned.summary() and "val accuracy 1.000" in learned.summary()
+    # Just at the margin counts; just below does not.
+    ten = np.arange(10) % 2
+    at_margin = evaluate(ten, one_hot([0, 1, 0, 1, 0, 1, 1, 0, 1, 0], 2), ["a", "b"])  # 6 of 10 right
+    assert at_margin.macro_f1 == pytest.approx(0.6) and at_margin.baseline_macro_f1 == pytest.approx(0.5)
+    assert Scores(at_margin, at_margin).beats_baseline
+    below = evaluate(ten, one_hot([1, 0, 1, 0, 1, 0, 0, 1, 0, 1], 2), ["a", "b"])  # 4 of 10 right
+    assert not Scores(below, below).beats_baseline

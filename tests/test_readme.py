@@ -1,4 +1,5 @@
-"""README.md stays true: its benchmark table is the measured one, and every command it shows exists,
+"""README.md stays true: every benchmark figure is generated from bench/results/ of one `make bench`
+run, no other speed, size or memory figure hides in its prose, and every command it shows exists,
 takes the flags it is shown with, and is run somewhere (a make target, a test, or `make demo`)."""
 
 from __future__ import annotations
@@ -6,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import json
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,17 +38,164 @@ def commands() -> list[str]:
     return found
 
 
-def test_the_benchmark_table_is_the_one_the_results_files_give():
-    start, end = README.index(summary.START), README.index(summary.END)
-    assert README[start + len(summary.START):end].strip() == summary.table().strip(), (
-        "README's benchmark table differs from bench/results/: run `python -m bench.summary --write README.md`")
+# --- benchmark figures -------------------------------------------------------------------------
+
+# A speed, size or memory figure: a number with a unit of time, rate, ratio or size (not %, which
+# the README also uses for accuracies and data splits).
+FIGURE = re.compile(r"(?<![\w.])~?\d[\d,]*(?:\.\d+)?(?:\s?-\s?\d+(?:\.\d+)?)?\s?"
+                    r"(?:x\b|×|(?:\w+ )?images/s\b|URLs/s\b|ms\b|s\b|min\b|h\b|hours?\b|minutes?\b|seconds?\b"
+                    r"|[KMGT]i?B\b|[KMG]\b|bytes\b)")
+# The only such figures allowed outside the generated benchmark blocks, and why. Hand-timed ones
+# must stand in a paragraph that says so ("by hand").
+HAND_TIMED = {
+    "8 min 27 s", "10 min 26 s", "13 min 53 s", "8 min 37 s", "11 min 42 s", "5 min 14 s", "10 min 50 s",
+    # make demo / make test wall clock on fresh clones (Quick start)
+    "357M", "3.2G",  # du -sh of the serving-only and the full virtual environment
+}
+NOT_MEASURED = {"3 bytes": "`image_size`² x 3 bytes per image: what an image takes in memory, by definition"}
 
 
-def test_the_table_writer_refuses_a_file_without_markers_or_no_file(tmp_path, capsys):
+def outside_blocks(text: str) -> str:
+    for name in summary.BLOCKS:
+        start, end = summary.markers(name)
+        text = text[:text.index(start)] + text[text.index(end) + len(end):]
+    return text
+
+
+def figures(text: str) -> list[tuple[str, str]]:
+    """(figure, its paragraph) for every speed, size or memory figure; runs like "8 min 27 s" as one."""
+    found = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        flat = " ".join(paragraph.split())
+        for match in re.finditer(rf"{FIGURE.pattern}(?:\s{FIGURE.pattern})*", flat):
+            found.append((match.group(), flat))
+    return found
+
+
+def stamped(tmp_path: Path, ids: dict[str, str | None], make_bench: bool = True) -> Path:
+    """A copy of bench/results/ whose files carry run records with these ids (None: no run record;
+    files not named are left as they are)."""
+    folder = tmp_path / "results"
+    shutil.copytree(summary.RESULTS, folder)
+    for name, run_id in ids.items():
+        path = folder / f"{name}.json"
+        data = json.loads(path.read_text())
+        if run_id is None:
+            if "run" in data:
+                del data["run"]
+                path.write_text(json.dumps(data))
+            continue
+        data["run"] = {"id": run_id, "make_bench": make_bench, "script": f"bench.{name}", "commit": "c0ffee" * 6 + "ab",
+                       "dirty": False, "started": "2026-01-01T00:00:00Z", "seconds": 60.0,
+                       "machine": {"cpus": 2, "cpu": "Test CPU", "platform": "Linux", "python": "3.11.7"}}
+        path.write_text(json.dumps(data))
+    return folder
+
+
+def test_the_benchmark_section_is_the_one_the_results_files_give():
+    assert set(summary.blocks_in(README)) == set(summary.BLOCKS), "README lacks some bench:NAME markers"
+    rendered = summary.render()
+    for name, block in summary.blocks_in(README).items():
+        assert block == rendered[name].strip(), (
+            f"README's bench:{name} block differs from bench/results/: run `python -m bench.summary --write README.md`")
+
+
+def test_no_speed_size_or_memory_figure_outside_the_generated_blocks_but_the_listed_ones():
+    found = figures(outside_blocks(README))
+    unexplained = sorted({figure for figure, _ in found} - HAND_TIMED - set(NOT_MEASURED))
+    assert not unexplained, (f"README figures not from bench/results/: {unexplained}; put them in a generated block "
+                             "(bench/summary.py) or, if they cannot come from `make bench`, list them here")
+    for figure, paragraph in found:
+        if figure in HAND_TIMED:
+            assert "by hand" in paragraph, f"{figure!r} is hand-timed but its paragraph does not say so"
+    stale = sorted((HAND_TIMED | set(NOT_MEASURED)) - {figure for figure, _ in found})
+    assert not stale, f"listed as allowed but no longer in README: {stale}"
+
+
+def test_the_results_files_are_one_run_or_exactly_the_known_older_files():
+    summary.provenance()  # raises NotOneRun, with every problem, otherwise
+
+
+def test_the_results_files_record_one_make_bench_run():
+    origin = summary.provenance()
+    if origin["run"] is None:
+        pytest.xfail(f"{', '.join(f'{name}.json' for name in origin['unstamped'])} predate run records (the known "
+                     "older files, unchanged; README says they are not verified as one run): rerun `make bench`")
+    run = origin["run"]
+    assert run["make_bench"] and run["commit"]
+    assert f"`{run['id']}`" in summary.blocks_in(README)["summary"]
+
+
+def test_one_run_is_named_with_its_commit_and_each_script_s_time(tmp_path):
+    folder = stamped(tmp_path, {name: "20260101T000000Z-42" for name in summary.FILES})
+    # The small-data benchmark is not part of `make bench`: the one-run check ignores it, its block says so.
+    (folder / "small_data.json").write_bytes((summary.RESULTS / "small_data.json").read_bytes())
+    origin = summary.provenance(folder)
+    assert origin["run"]["id"] == "20260101T000000Z-42" and not origin["unstamped"]
+    assert "not part of a `make bench` run" in summary.render(folder)["small-data"]
+    paragraph = summary.render(folder)["summary"].split("\n\n")[0]
+    assert "`20260101T000000Z-42`" in paragraph and "`c0ffeec0ffee`" in paragraph
+    assert "download 60 s" in paragraph and "serve 60 s" in paragraph
+
+
+@pytest.mark.parametrize(("ids", "make_bench", "problem"), [
+    ({"download": "run-a", "input_pipeline": "run-b", "train": "run-a", "serve": "run-a"}, True, "mixes runs"),
+    ({name: "standalone-x" for name in summary.FILES}, False, "run on its own"),
+    ({"download": None, "input_pipeline": "run-a", "train": None, "serve": None}, True, "with older files"),
+])
+def test_results_of_different_runs_are_refused(tmp_path, ids, make_bench, problem, capsys):
+    folder = stamped(tmp_path, ids, make_bench)
+    with pytest.raises(summary.NotOneRun, match=problem):
+        summary.render(folder)
+    markdown = tmp_path / "README.md"
+    markdown.write_text(README)
+    assert summary.main(["--write", str(markdown), "--results", str(folder)]) == 1
+    assert problem in capsys.readouterr().err
+    assert markdown.read_text() == README
+
+
+def test_an_unstamped_file_that_is_not_the_known_older_one_or_a_missing_file_is_refused(tmp_path):
+    folder = stamped(tmp_path, {name: None for name in summary.FILES})
+    train = folder / "train.json"
+    data = json.loads(train.read_text())
+    train.write_text(json.dumps({**data, "ratio": data["ratio"] + 0.01}, indent=2) + "\n")
+    with pytest.raises(summary.NotOneRun, match="train.json records no run"):
+        summary.provenance(folder)
+    (folder / "serve.json").unlink()
+    with pytest.raises(summary.NotOneRun, match="serve.json is missing"):
+        summary.provenance(folder)
+
+
+def test_every_configuration_measured_has_its_rows_and_cached_is_only_compared_with_cached(tmp_path):
+    table = summary.table()
+    download = json.loads((summary.RESULTS / "download.json").read_text())
+    for run in download["runs"]:
+        assert table.count(f"{run['workers']} workers in all") == 2, run["workers"]
+    serve = json.loads((summary.RESULTS / "serve.json").read_text())
+    for precision, run in serve["onnxruntime"].items():
+        for name in run["services"]:
+            assert table.count(f"{precision} service, {name} (") == 3, (precision, name)
+    pipeline = json.loads((summary.RESULTS / "input_pipeline.json").read_text())
+    if "ratio_both_cached" not in pipeline["photos"]["read"]:  # older file: our side alone was timed cached
+        assert "cached in memory" not in table
+    assert "how the trainers read" not in README
+
+    folder = stamped(tmp_path, {name: "run-a" for name in summary.FILES})
+    path = folder / "input_pipeline.json"
+    data = json.loads(path.read_text())
+    for key in data["sets"]:
+        data[key]["read"].update(image_dataset_from_directory_cached_images_per_s=1000.0, ratio_both_cached=1.5)
+    path.write_text(json.dumps(data))
+    rows = [line for line in summary.table(folder).splitlines() if "both sides cached" in line]
+    assert len(rows) == 2 and all("`image_dataset_from_directory(...).cache()`" in row and "1.50x" in row
+                                  for row in rows)
+
+
+def test_the_writer_refuses_a_file_without_markers_or_no_file(tmp_path, capsys):
     plain = tmp_path / "plain.md"
     plain.write_text("# no table here\n")
     assert summary.main(["--write", str(plain)]) == 1
-    assert "no <!-- bench-summary:start -->" in capsys.readouterr().err
+    assert "no <!-- bench:summary:start -->" in capsys.readouterr().err
     assert plain.read_text() == "# no table here\n"
     assert summary.main(["--write", str(tmp_path / "missing.md")]) == 1
     assert "missing.md" in capsys.readouterr().err

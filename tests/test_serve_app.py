@@ -52,7 +52,31 @@ def test_health_ready_and_metadata(served):
     meta = client.get("/metadata").json()
     assert meta["labels"] == ["cat", "dog", "owl"] and meta["input_size"] == 32
     assert meta["name"] == "cam" and meta["class_activation_maps"] is True
-    assert meta["version"] == json.loads((app.state.bundle.folder / "metadata.json").read_text())["version"]
+    written = json.loads((app.state.bundle.folder / "metadata.json").read_text())
+    assert meta["version"] == written["version"]
+    # The export's metrics, val and the held-out test split apart, and the baseline guard's verdict.
+    metrics = meta["metrics"]
+    assert set(metrics) == {"val", "test", "beats_baseline", "baseline_margin"}
+    for split in ("val", "test"):
+        assert metrics[split] == {key: written["metrics"][split][key]
+                                  for key in ("accuracy", "macro_f1", "baseline_macro_f1")}
+    assert metrics["beats_baseline"] is written["metrics"]["beats_baseline"]
+    assert metrics["baseline_margin"] == written["metrics"]["baseline_margin"]
+
+
+def test_a_bundle_without_val_and_test_metrics_does_not_start(bundles, tmp_path):
+    import shutil
+
+    from serve.bundle import BundleError
+
+    folder = tmp_path / "old"
+    shutil.copytree(bundles["cam"], folder)
+    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata["metrics"] = {"accuracy": 0.9, "macro_f1": 0.9}  # the flat layout before the test split
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(BundleError, match=r"metadata.json: metrics.val: .*re-export the model") as raised:
+        create_app(Settings(bundle=folder))
+    assert "\n" not in str(raised.value)
 
 
 def test_every_input_kind_gives_onnx_runtimes_probabilities(served):
@@ -244,6 +268,9 @@ def test_openapi_documents_the_endpoints(served):
         schema["paths"])
     body = schema["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json"}
+    model_metrics = schema["components"]["schemas"]["ModelMetrics"]["properties"]
+    assert {"val", "test", "beats_baseline", "baseline_margin"} == set(model_metrics)
+    assert "held-out" in model_metrics["test"]["description"]
 
 
 def test_schemathesis_finds_no_server_errors_or_schema_violations(served, tmp_path):

@@ -103,6 +103,7 @@ def host(tmp_path_factory):
     return python, env, elsewhere
 
 
+@pytest.mark.slow
 def test_the_venv_holds_the_service_and_no_training_stack(host):
     python, env, elsewhere = host
     probe = ("import importlib.util, json, sys\n"
@@ -156,6 +157,7 @@ def service(host, bundles):
         log.close()
 
 
+@pytest.mark.slow
 def test_predict_answers_what_onnx_runtime_computes(service, bundles):
     client, _ = service
     bundle = Bundle.load(bundles["cam"])
@@ -172,6 +174,7 @@ def test_predict_answers_what_onnx_runtime_computes(service, bundles):
         assert body["confidence"] == max(body["scores"].values())
 
 
+@pytest.mark.slow
 def test_annotate_draws_what_the_service_code_draws_here(service, bundles):
     client, _ = service
     bundle = Bundle.load(bundles["cam"])
@@ -190,6 +193,7 @@ def test_annotate_draws_what_the_service_code_draws_here(service, bundles):
     assert (got == [255, 0, 0]).all(axis=2).any()  # the box
 
 
+@pytest.mark.slow
 def test_the_running_service_never_loaded_tensorflow(service):
     _, pid = service
     maps = Path(f"/proc/{pid}/maps").read_text()
@@ -197,6 +201,7 @@ def test_the_running_service_never_loaded_tensorflow(service):
     assert not re.search(r"tensorflow|libtf|_pywrap_tf", maps)
 
 
+@pytest.mark.slow
 def test_predict_folder_runs_from_the_venv(host, bundles):
     python, env, elsewhere = host
     assert "--bundle" in run([str(python), "-m", "serve.predict_folder", "--help"], elsewhere, env)

@@ -20,20 +20,26 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def record_run(name: str, lr: float, losses: list[float], f1: float) -> None:
+def record_run(name: str, lr: float, losses: list[float], val: tuple[float, float],
+               test: tuple[float, float]) -> None:
+    """A run as the trainers record it (imgpipe.training.reports.publish): (accuracy, macro-F1) of val and
+    test apart, and the baseline guard's verdict (val macro-F1 at least 0.1 above the guess's 0.5)."""
     tracker = Tracker(name, tags=["test", name])
     assert tracker.active
     tracker.set("parameters", {"optimizer": {"lr": lr}, "epochs": len(losses), "head": "softmax"})
     tracker.set("data/version", "abc123")
     for epoch, loss in enumerate(losses):
         tracker.log("train/loss", loss, step=epoch)
-    tracker.set("metrics/macro_f1", f1)
+    tracker.set("metrics", {
+        "val": {"accuracy": val[0], "macro_f1": val[1], "baseline_macro_f1": 0.5},
+        "test": {"accuracy": test[0], "macro_f1": test[1], "baseline_macro_f1": 0.5},
+        "beats_baseline": val[1] >= 0.5 + 0.1, "best_epoch": len(losses), "epochs_run": len(losses)})
     tracker.stop()
 
 
 def test_offline_runs_are_replayed_and_compared(workdir, capsys):
-    record_run("slow", 0.01, [2.0, 1.5, 1.2], 0.71)
-    record_run("fast", 0.1, [2.0, 0.9, 0.4], 0.93)
+    record_run("slow", 0.01, [2.0, 1.5, 1.2], val=(0.56, 0.55), test=(0.53, 0.52))
+    record_run("fast", 0.1, [2.0, 0.9, 0.4], val=(0.94, 0.93), test=(0.92, 0.91))
     runs = {r.name: r for r in compare.find_runs(workdir / ".neptune")}
     assert set(runs) == {"slow", "fast"}
     fast = runs["fast"]
@@ -42,18 +48,43 @@ def test_offline_runs_are_replayed_and_compared(workdir, capsys):
     assert fast.values["parameters/epochs"] == 3
     assert fast.values["data/version"] == "abc123"
     assert fast.series["train/loss"] == [(0, 2.0), (1, 0.9), (2, 0.4)]
-    assert compare.final_metrics(fast) == {"metrics/macro_f1": 0.93}
+    assert compare.final_metrics(fast) == {
+        "metrics/val/accuracy": 0.94, "metrics/val/macro_f1": 0.93, "metrics/val/baseline_macro_f1": 0.5,
+        "metrics/test/accuracy": 0.92, "metrics/test/macro_f1": 0.91, "metrics/test/baseline_macro_f1": 0.5,
+        "metrics/beats_baseline": True, "metrics/best_epoch": 3, "metrics/epochs_run": 3}
 
     capsys.readouterr()  # Neptune's own log lines so far
-    compare.main(["--sort", "metrics/macro_f1", "--chart", "curves.html"])
+    compare.main(["--sort", "metrics/val/macro_f1", "--chart", "curves.html"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:5] == ["run", "id", "created", "experiment", "tags"]
-    assert "parameters/optimizer/lr" in lines[0] and "metrics/macro_f1" in lines[0]
-    assert "parameters/head" not in lines[0]  # the same in every run: not a difference worth a column
-    assert lines[2].startswith("fast") and "0.9300" in lines[2]
-    assert lines[3].startswith("slow") and "0.7100" in lines[3]
+    header = lines[0].split()
+    assert header[:5] == ["run", "id", "created", "experiment", "tags"]
+    assert "parameters/optimizer/lr" in header
+    assert "parameters/head" not in header  # the same in every run: not a difference worth a column
+    # By default val and test side by side, and the guard's verdict; nothing else of metrics/.
+    assert [key for key in header if key.startswith("metrics/")] == compare.DEFAULT_METRICS == [
+        "metrics/val/accuracy", "metrics/test/accuracy", "metrics/val/macro_f1", "metrics/test/macro_f1",
+        "metrics/beats_baseline"]
+    fast_row, slow_row = lines[2].split(), lines[3].split()
+    assert fast_row[0] == "fast" and fast_row[-5:] == ["0.9400", "0.9200", "0.9300", "0.9100", "yes"]
+    assert slow_row[0] == "slow" and slow_row[-5:] == ["0.5600", "0.5300", "0.5500", "0.5200", "no"]
     html = (workdir / "curves.html").read_text()
     assert "data:image/png;base64," in html and "fast" in html
+
+    # Sorting follows the metric asked for: slow's test macro-F1 is lower, so --sort on it keeps fast first,
+    # and the other final metrics are there on request.
+    compare.main(["--sort", "metrics/test/macro_f1", "--metrics", "metrics/best_epoch", "metrics/val/macro_f1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-2:] == ["metrics/best_epoch", "metrics/val/macro_f1"]
+    assert lines[2].split()[0] == "fast" and lines[2].split()[-2:] == ["3", "0.9300"]
+    compare.main(["--metrics", "all"])
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert [key for key in header if key.startswith("metrics/")] == sorted(compare.final_metrics(fast))
+
+
+def test_sorting_by_a_metric_no_run_has_is_a_clear_error(workdir):
+    record_run("fast", 0.1, [1.0], val=(0.9, 0.9), test=(0.9, 0.9))
+    with pytest.raises(StageError, match=r"--sort metrics/macro_f1: no run has this final metric .*metrics/val/"):
+        compare.main(["--sort", "metrics/macro_f1"])  # the name before val and test were apart
 
 
 def test_runs_of_dvc_experiments_land_in_the_repository_and_carry_the_experiment_name(workdir, monkeypatch, capsys):
@@ -63,7 +94,7 @@ def test_runs_of_dvc_experiments_land_in_the_repository_and_carry_the_experiment
     monkeypatch.chdir(executor)
     monkeypatch.setenv("DVC_ROOT", str(repo))
     monkeypatch.setenv("DVC_EXP_NAME", "lr-sweep-1")
-    record_run("resnet50v2", 0.01, [1.0], 0.5)
+    record_run("resnet50v2", 0.01, [1.0], val=(0.5, 0.5), test=(0.5, 0.5))
     assert not (executor / ".neptune").exists()
     (run,) = compare.find_runs(repo / ".neptune")
     assert run.experiment == "lr-sweep-1"

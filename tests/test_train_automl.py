@@ -58,7 +58,10 @@ def test_search_outputs_trials_and_neptune_run(tmp_path, monkeypatch, records):
     metrics = json.loads((reports / "metrics.json").read_text())
     assert metrics["head"] == "softmax" and metrics["image_size"] == 32 and metrics["search_size"] == 16
     assert metrics["trials_run"] == 2 and metrics["architecture"] == "vanilla"
-    assert 0 <= metrics["accuracy"] <= 1 and set(metrics["per_class"]) == {"cat", "dog", "owl"}
+    per_class = json.loads((reports / "per_class.json").read_text())
+    for split in ("val", "test"):
+        assert 0 <= metrics["accuracy"][split] <= 1 and set(per_class[split]) == {"cat", "dog", "owl"}
+    assert isinstance(metrics["beats_baseline"], bool)
 
     trials = list(csv.DictReader((reports / "trials.csv").open()))
     assert [row["trial"] for row in trials] == ["0", "1"] and {row["status"] for row in trials} == {"COMPLETED"}
@@ -71,20 +74,21 @@ def test_search_outputs_trials_and_neptune_run(tmp_path, monkeypatch, records):
     history = list(csv.DictReader((reports / "history.csv").open()))
     assert [row["epoch"] for row in history] == ["1", "2"]
     assert min(history, key=lambda row: float(row["val_loss"]))["epoch"] == str(metrics["best_epoch"])
-    for picture in ("curves", "confusion", "mistakes"):
+    for picture in ("curves", "confusion", "confusion_test", "mistakes"):
         assert (reports / "pictures" / f"{picture}.png").read_bytes().startswith(b"\x89PNG")
 
-    # The saved model takes pack-size images (resized inside) and reproduces the reported accuracy.
+    # The saved model takes pack-size images (resized inside) and reproduces the reported accuracies.
     model = keras.models.load_model(out / "model" / "model.keras")
     assert model.input_shape == (None, 32, 32, 3) and model.get_layer("resize").output.shape[1:3] == (16, 16)
-    images, labels = load_arrays(records[3], "val", 32)
-    predicted = model.predict(images.astype(np.float32), verbose=0).argmax(axis=1)
-    assert np.mean(predicted == labels) == pytest.approx(metrics["accuracy"], abs=1e-6)
+    for split in ("val", "test"):
+        images, labels = load_arrays(records[3], split, 32)
+        predicted = model.predict(images.astype(np.float32), verbose=0).argmax(axis=1)
+        assert np.mean(predicted == labels) == pytest.approx(metrics["accuracy"][split], abs=1e-6)
 
     runs = compare.find_runs(tmp_path / ".neptune")
     assert len(runs) == 1 and runs[0].name == "autokeras"
     run = runs[0]
-    assert run.values["metrics/accuracy"] == pytest.approx(metrics["accuracy"])
+    assert run.values["metrics/test/accuracy"] == pytest.approx(metrics["accuracy"]["test"])
     assert run.values["trials/1/hyperparameters/image_block_1/block_type"] == "vanilla"
     assert [step for step, _ in run.series["trials/score"]] == [0, 1]
     assert [step for step, _ in run.series["trials/0/train/val_loss"]] == [1, 2]
@@ -103,6 +107,7 @@ def test_saved_model_loads_without_autokeras(tmp_path, monkeypatch, records):
     assert "(None, 3)" in result.stdout
 
 
+@pytest.mark.slow
 def test_two_classes_rerun_bit_identically_and_a_broken_tracker_changes_nothing(tmp_path, records):
     first = run_cli(tmp_path, records[2], "first", NEPTUNE_MODE="offline")
     assert first.returncode == 0, first.stderr[-3000:]

@@ -38,13 +38,22 @@ def train(workdir: Path, records: Path, name: str, *flags: str) -> Path:
     return workdir / name
 
 
-def test_outputs_metrics_plots_pictures_and_neptune_run(tmp_path, monkeypatch, records):
+@pytest.mark.slow
+def test_outputs_metrics_plots_pictures_and_neptune_run(tmp_path, monkeypatch, records, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("NEPTUNE_MODE", raising=False)
     out = train(tmp_path, records[3], "run")
     metrics = json.loads((out / "reports" / "metrics.json").read_text())
-    assert metrics["head"] == "softmax" and metrics["image_size"] == 32
-    assert 0 <= metrics["accuracy"] <= 1 and set(metrics["per_class"]) == {"cat", "dog", "owl"}
+    assert metrics["head"] == "softmax" and metrics["image_size"] == 32 and metrics["weights"] == "none"
+    per_class = json.loads((out / "reports" / "per_class.json").read_text())
+    for split in ("val", "test"):
+        assert 0 <= metrics["accuracy"][split] <= 1 and set(per_class[split]) == {"cat", "dog", "owl"}
+    # The guard is the val macro-F1 against the weighted random guess plus the margin, said loudly.
+    assert metrics["beats_baseline"] == (metrics["macro_f1"]["val"]
+                                         >= metrics["baseline_macro_f1"]["val"] + metrics["baseline_margin"])
+    printed = capsys.readouterr().out
+    assert "val accuracy" in printed and "test accuracy" in printed
+    assert ("NO BETTER THAN CHANCE" in printed) == (not metrics["beats_baseline"])
     assert metrics["epochs_run"] == 2 and metrics["best_epoch"] in (1, 2)
     history = list(csv.DictReader((out / "reports" / "history.csv").open()))
     assert [row["epoch"] for row in history] == ["1", "2"]
@@ -52,33 +61,38 @@ def test_outputs_metrics_plots_pictures_and_neptune_run(tmp_path, monkeypatch, r
     best = min(history, key=lambda row: float(row["val_loss"]))
     assert int(best["epoch"]) == metrics["best_epoch"]  # the best epoch by validation loss is kept
 
-    confusion = list(csv.DictReader((out / "reports" / "confusion.csv").open()))
-    val = sum(v["val"] for v in json.loads((records[3].parent / "pack3.json").read_text())["per_class"].values())
-    assert len(confusion) == val and set(confusion[0]) == {"actual", "predicted"}
-    for picture in ("curves", "confusion", "mistakes"):
+    per_class = json.loads((records[3].parent / "pack3.json").read_text())["per_class"].values()
+    for split, name in (("val", "confusion.csv"), ("test", "confusion_test.csv")):
+        confusion = list(csv.DictReader((out / "reports" / name).open()))
+        assert len(confusion) == sum(v[split] for v in per_class) and set(confusion[0]) == {"actual", "predicted"}
+    for picture in ("curves", "confusion", "confusion_test", "mistakes"):
         assert (out / "reports" / "pictures" / f"{picture}.png").read_bytes().startswith(b"\x89PNG")
 
-    # The saved model is the evaluated one: its predictions reproduce the reported accuracy.
+    # The saved model is the evaluated one: its predictions reproduce the reported accuracies.
     model = keras.models.load_model(out / "model" / "model.keras")
-    val_data = make_dataset(records[3], "val", 8, 32, training=False)
-    predicted = model.predict(val_data, verbose=0).argmax(axis=1)
-    truth = np.concatenate([y.numpy() for _, y in val_data])
-    assert np.mean(predicted == truth) == pytest.approx(metrics["accuracy"], abs=1e-6)
+    for split in ("val", "test"):
+        data = make_dataset(records[3], split, 8, 32, training=False)
+        predicted = model.predict(data, verbose=0).argmax(axis=1)
+        truth = np.concatenate([y.numpy() for _, y in data])
+        assert np.mean(predicted == truth) == pytest.approx(metrics["accuracy"][split], abs=1e-6)
 
     runs = compare.find_runs(tmp_path / ".neptune")
     assert len(runs) == 1 and runs[0].name == "resnet50v2"
-    assert runs[0].values["metrics/macro_f1"] == pytest.approx(metrics["macro_f1"])
+    for split in ("val", "test"):
+        assert runs[0].values[f"metrics/{split}/macro_f1"] == pytest.approx(metrics["macro_f1"][split])
+    assert runs[0].values["metrics/beats_baseline"] == metrics["beats_baseline"]
     assert [step for step, _ in runs[0].series["train/val_loss"]] == [1, 2]
     assert len(runs[0].values["data/version"]) == 64
 
 
+@pytest.mark.slow
 def test_two_classes_train_a_sigmoid_head(tmp_path, monkeypatch, records):
     # Bit-identical reruns are proven across processes by `dvc repro -f` in test_demo_pipeline.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NEPTUNE_MODE", "debug")  # nothing written; tracking still exercised
     out = train(tmp_path, records[2], "run", "--epochs", "1")
     metrics = json.loads((out / "reports" / "metrics.json").read_text())
-    assert metrics["head"] == "sigmoid" and 0 <= metrics["accuracy"] <= 1
+    assert metrics["head"] == "sigmoid" and 0 <= metrics["accuracy"]["val"] <= 1
     assert keras.models.load_model(out / "model" / "model.keras").output_shape == (None, 1)
 
 
@@ -105,6 +119,7 @@ def test_bad_records_and_a_head_that_cannot_fit_are_clear_errors(tmp_path, recor
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_trains_on_two_logical_cpu_devices(tmp_path, records):
     # Logical devices must exist before TensorFlow starts, hence a fresh interpreter.
     script = (
@@ -125,5 +140,43 @@ def test_mirrored_strategy_trains_on_two_logical_cpu_devices(tmp_path, records):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MirroredStrategy with 2 replica(s)" in result.stderr  # a log line
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
-    assert metrics["epochs_run"] == 1 and 0 <= metrics["accuracy"] <= 1
+    assert metrics["epochs_run"] == 1 and 0 <= metrics["accuracy"]["val"] <= 1
     assert keras.models.load_model(tmp_path / "model" / "model.keras").output_shape == (None, 3)
+
+
+def test_a_run_starts_from_saved_backbone_weights_and_bad_files_are_params_errors(tmp_path, monkeypatch, records):
+    from imgpipe.training.models import backbone
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NEPTUNE_MODE", "debug")
+    first = train(tmp_path, records[3], "first", "--epochs", "1")
+    weights = tmp_path / "weights" / "resnet50v2.weights.h5"
+    weights.parent.mkdir()
+    saved = backbone(keras.models.load_model(first / "model" / "model.keras"))
+    saved.save_weights(weights)
+
+    # One epoch with the backbone frozen: only the new head learns, so the backbone is the file's.
+    second = train(tmp_path, records[3], "second", "--weights", str(weights), "--freeze-epochs", "1",
+                   "--epochs", "1")
+    started = backbone(keras.models.load_model(second / "model" / "model.keras"))
+    assert all(np.array_equal(a, b) for a, b in zip(started.get_weights(), saved.get_weights(), strict=True))
+    assert json.loads((second / "reports" / "metrics.json").read_text())["weights"] == weights.name
+
+    # Then the whole network trains on: one history, the epochs numbered on from the frozen ones.
+    third = train(tmp_path, records[3], "third", "--weights", str(weights), "--freeze-epochs", "1", "--epochs", "2")
+    history = list(csv.DictReader((third / "reports" / "history.csv").open()))
+    assert [row["epoch"] for row in history] == ["1", "2"]
+    assert json.loads((third / "reports" / "metrics.json").read_text())["epochs_run"] == 2
+
+    other = tmp_path / "other.weights.h5"
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save_weights(other)
+    for bad, message in ((tmp_path / "missing.weights.h5", "no such file"), (other, "not ResNet50V2 base weights")):
+        result = subprocess.run([sys.executable, "-m", "stages.train_resnet", "--params", str(tmp_path / "params.yaml"),
+                                 "--records", str(records[3]), "--out", str(tmp_path / "bad"), "--reports",
+                                 str(tmp_path / "bad-reports"), "--weights", str(bad)],
+                                cwd=ROOT, env={**os.environ, "NEPTUNE_MODE": "debug"},
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"train.resnet.weights: {bad}: {message}" in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / "bad").exists()

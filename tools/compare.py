@@ -1,10 +1,12 @@
 """Compare Neptune runs without a Neptune server: replay the offline operation logs on disk.
 
-    python -m tools.compare [--neptune-dir .neptune] [--sort metrics/macro_f1] [--chart reports/compare.html]
+    python -m tools.compare [--neptune-dir .neptune] [--sort metrics/val/macro_f1] [--chart reports/compare.html]
 
 Each run Neptune records offline is a folder of JSON operation logs. They are read with the
 client's own parser and replayed through its own operation classes, so what is shown is exactly
 what Neptune would have shown: name, tags, key parameters, final metrics, and learning curves.
+The default metric columns are val and test accuracy and macro-F1 side by side, and whether the
+model beats the weighted random guess on val (``--metrics`` picks others, ``--metrics all`` shows all).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 from imgpipe.cli import StageError, entry_parser, run
 
 NAME = "compare"
+DEFAULT_METRICS = ["metrics/val/accuracy", "metrics/test/accuracy", "metrics/val/macro_f1", "metrics/test/macro_f1",
+                   "metrics/beats_baseline"]
 
 
 @dataclass
@@ -112,22 +116,36 @@ def find_runs(neptune_dir: Path) -> list[RunRecord]:
     return [read_run(folder) for folder in folders]
 
 
-def final_metrics(record: RunRecord) -> dict[str, float]:
+def final_metrics(record: RunRecord) -> dict[str, float | bool]:
+    """The run's final values under metrics/: numbers, and flags such as metrics/beats_baseline."""
     return {key: value for key, value in record.values.items()
-            if key.startswith("metrics/") and isinstance(value, int | float) and not isinstance(value, bool)}
+            if key.startswith("metrics/") and isinstance(value, int | float)}
 
 
-def table(runs: list[RunRecord], sort: str | None, params: list[str]) -> str:
+def shown(value: float | bool | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
+
+
+def table(runs: list[RunRecord], sort: str | None, params: list[str], metrics: list[str] | None = None) -> str:
+    """One row per run. ``metrics``: the final metrics to show (None: ``DEFAULT_METRICS``, ["all"]: every one);
+    ``params``: the parameters (empty: those that differ between runs); ``sort``: a final metric, best first."""
     finals = {r.run_id: final_metrics(r) for r in runs}
+    known = sorted({key for values in finals.values() for key in values})
     if sort:
-        runs = sorted(runs, key=lambda r: (finals[r.run_id].get(sort) is None, -finals[r.run_id].get(sort, 0.0)))
-    metric_keys = sorted({key for metrics in finals.values() for key in metrics})
+        if runs and sort not in known:
+            raise StageError(f"--sort {sort}: no run has this final metric (there are: {', '.join(known)})")
+        runs = sorted(runs, key=lambda r: (sort not in finals[r.run_id], -float(finals[r.run_id].get(sort, 0))))
+    metric_keys = known if metrics == ["all"] else (metrics or DEFAULT_METRICS)
     param_keys = params or sorted({key for r in runs for key in r.values if key.startswith("parameters/")
                                    and len({str(o.values.get(key)) for o in runs}) > 1})
     header = ["run", "id", "created", "experiment", "tags", *param_keys, *metric_keys]
     rows = [[r.name, r.run_id[:8], r.created[:19], r.experiment, ",".join(r.tags),
              *(str(r.values.get(k, "")) for k in param_keys),
-             *(f"{finals[r.run_id][k]:.4f}" if k in finals[r.run_id] else "" for k in metric_keys)] for r in runs]
+             *(shown(finals[r.run_id].get(k)) for k in metric_keys)] for r in runs]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
              for row in [header, *rows]]
@@ -176,15 +194,18 @@ def _escape(text: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = entry_parser(f"python -m tools.{NAME}", __doc__.split("\n")[0])
     parser.add_argument("--neptune-dir", type=Path, default=Path(".neptune"), help="default: %(default)s")
-    parser.add_argument("--sort", help="final metric to sort by, best first, e.g. metrics/macro_f1")
+    parser.add_argument("--sort", help="final metric to sort by, best first, e.g. metrics/val/macro_f1")
     parser.add_argument("--params", nargs="*", default=[],
                         help="parameter paths to show (default: those that differ between runs)")
+    parser.add_argument("--metrics", nargs="+", metavar="PATH",
+                        help="final metrics to show, or `all` (default: val and test accuracy and macro-F1, "
+                             "metrics/beats_baseline)")
     parser.add_argument("--chart", type=Path, help="write learning curves to this .html or .png file")
     args = parser.parse_args(argv)
     runs = find_runs(args.neptune_dir)
     if not runs:
         raise StageError(f"no Neptune runs under {args.neptune_dir}/ (train a model first)")
-    text = table(runs, args.sort, args.params)
+    text = table(runs, args.sort, args.params, args.metrics)
     print(text)
     if args.chart:
         chart(runs, args.chart, text)

@@ -46,15 +46,23 @@ def main(argv: list[str] | None = None) -> None:
         raise StageError(f"--bundle {args.bundle}: not a serving bundle (missing {', '.join(missing)}); "
                          "run `dvc repro` first")
     metadata = json.loads((args.bundle / METADATA).read_text())
+    metrics = metadata.get("metrics", {})
+    if not {"val", "test", "beats_baseline"} <= set(metrics):
+        raise StageError(f"--bundle {args.bundle}: {METADATA} has no separate val and test metrics (an older "
+                         "export); run `dvc repro` first")
     write_folder_atomic(args.out, {path.name: path.read_bytes() for path in sorted(args.bundle.iterdir())
                               if path.is_file()})
     added = subprocess.run([sys.executable, "-m", "dvc", "add", "--quiet", str(args.out)], capture_output=True,
                            text=True)
     if added.returncode != 0:
         raise StageError(f"dvc add {args.out} failed: {(added.stderr or added.stdout).strip()}")
-    print(f"{NAME}: {metadata['name']} version {metadata['version']} (val accuracy "
-          f"{metadata['metrics']['accuracy']:.3f}) is in {args.out}/, tracked by {args.out}.dvc; "
-          f"share it with `git add {args.out}.dvc && git commit` and `dvc push`")
+    print(f"{NAME}: {metadata['name']} version {metadata['version']} (accuracy val "
+          f"{metrics['val']['accuracy']:.3f}, test {metrics['test']['accuracy']:.3f}) is in {args.out}/, tracked by "
+          f"{args.out}.dvc; share it with `git add {args.out}.dvc && git commit` and `dvc push`")
+    if not metrics["beats_baseline"]:
+        print(f"  WARNING, NO BETTER THAN CHANCE: val macro-F1 {metrics['val']['macro_f1']:.3f} is not "
+              f"{metrics['baseline_margin']:.2f} above the weighted random guess "
+              f"{metrics['val']['baseline_macro_f1']:.3f}; released anyway, as the serve stage chose it")
     print(f"  start the service:  python -m serve --bundle {args.out}")
     print(f"  try it:             curl -F image=@{example_image()} http://127.0.0.1:8000/predict")
 

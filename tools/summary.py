@@ -28,34 +28,67 @@ def download_summary(path: Path = DOWNLOAD) -> str:
 
 def pack_summary(path: Path = PACK) -> str:
     report = json.loads(path.read_text())
-    images = report["images"]
-    return (f"pack: {images['train']} train + {images['val']} val images in {report['classes']} classes, "
-            f"{report['shards']['train']} + {report['shards']['val']} TFRecord shards in build/tfrecords/, "
-            f"{report['skipped']} skipped")
+    images, shards = report["images"], report["shards"]
+    return (f"pack: {images['train']} train + {images['val']} val + {images['test']} test images in "
+            f"{report['classes']} classes, {shards['train']} + {shards['val']} + {shards['test']} TFRecord shards "
+            f"in build/tfrecords/, {report['skipped']} skipped")
+
+
+def chance_warning(val_f1: float, guess: float, margin: float | None) -> str:
+    """The loud line for a model whose val macro-F1 is not clearly above the weighted random guess."""
+    by = f"at least {margin:.2f}" if margin is not None else "clearly"
+    return (f"  NO BETTER THAN CHANCE: val macro-F1 {val_f1:.3f} is not {by} above the weighted random guess's "
+            f"{guess:.3f}; `serve.model: best` will not serve this model")
+
+
+def chance_lines(report: dict) -> list[str]:
+    """The warning, for a trainer's or export's metrics whose model fails the baseline guard."""
+    if report["beats_baseline"]:
+        return []
+    val_f1, guess = report["macro_f1"]["val"], report["baseline_macro_f1"]["val"]
+    return [chance_warning(val_f1, guess, report.get("baseline_margin"))]
 
 
 def train_summary(model: str, folder: Path) -> str:
     report = json.loads((folder / "metrics.json").read_text())
     where = f"trial {report['best_trial']} of {report['trials_run']}, " if "best_trial" in report else ""
-    return (f"{model}: val accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f} "
-            f"(weighted random guess {report['baseline']['macro_f1']:.3f}); {where}epoch {report['best_epoch']}; "
-            f"pictures in {folder / 'pictures'}/")
+    epochs = f" of {report['epochs_run']}" if "epochs_run" in report else ""
+    lines = [f"{model}: {where}best epoch {report['best_epoch']}{epochs} (chosen on val); "
+             f"pictures in {folder / 'pictures'}/"]
+    for split in ("val", "test"):
+        lines.append(f"  {split:<4} accuracy {report['accuracy'][split]:.3f}, "
+                     f"macro-F1 {report['macro_f1'][split]:.3f}; weighted random guess: accuracy "
+                     f"{report['baseline_accuracy'][split]:.3f}, macro-F1 {report['baseline_macro_f1'][split]:.3f}")
+    return "\n".join(lines + chance_lines(report))
 
 
 def export_summary(model: str, path: Path) -> str:
     report = json.loads(path.read_text())
     parity = report["parity"]
     maps = "class-activation maps" if report.get("class_activation_maps") else "no activation maps (flatten head)"
-    return (f"export {model}: ONNX parity on {parity['images']} val images, max |keras - onnx| "
-            f"{parity['max_abs_diff']:.1e}, top-1 agreement {parity['top1_agreement']:.3f}; {maps}; "
-            f"build/onnx/{model}/")
+    scores = "; ".join(f"{split} accuracy {report['accuracy'][split]:.3f}, macro-F1 {report['macro_f1'][split]:.3f}"
+                       for split in ("val", "test"))
+    lines = [f"export {model}: ONNX Runtime {scores}; build/onnx/{model}/",
+             f"  parity on {parity['images']} val images, max |keras - onnx| {parity['max_abs_diff']:.1e}, "
+             f"top-1 agreement {parity['top1_agreement']:.3f}; {maps}"]
+    if "int8" in report:
+        int8 = report["int8"]
+        lines.append(f"  INT8: val accuracy {int8['accuracy']['val']:.3f} (change {int8['accuracy_change']:+.3f}, "
+                     f"top-1 agreement with fp32 {int8['top1_agreement']:.3f}), test accuracy "
+                     f"{int8['accuracy']['test']:.3f}")
+    return "\n".join(lines + chance_lines(report))
 
 
 def serve_summary(path: Path = SERVE) -> str:
     report = json.loads(path.read_text())
-    return (f"serve: {report['model']} (version {report['version']}) answered {report['images']} val images over "
-            f"HTTP, accuracy {report['http_accuracy']:.3f} = offline {report['offline_accuracy']:.3f}; "
-            "build/serving/, Triton repository build/triton/")
+    checks = "; ".join(f"{split} {report['images'][split]} images, accuracy {report['http_accuracy'][split]:.3f} "
+                       f"(offline {report['offline_accuracy'][split]:.3f})" for split in ("val", "test"))
+    lines = [f"serve: {report['model']} (version {report['version']}) over HTTP: {checks}; "
+             "build/serving/, Triton repository build/triton/"]
+    if not report["beats_baseline"]:
+        lines.append(f"  NO BETTER THAN CHANCE: the served model, {report['model']}, has a val macro-F1 not clearly "
+                     "above the weighted random guess; see its trainer's line above")
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -6,7 +6,9 @@ needs), ``cam_weights.npy`` (the dense kernel, for class-activation maps), ``met
 and with ``export.quantize`` its static INT8 variant ``model.int8.onnx``.
 
 Keras and ONNX Runtime both predict the whole validation split; no bundle is written unless
-every top-1 agrees and no probability differs by more than ``export.max_abs_diff``.
+every top-1 agrees and no probability differs by more than ``export.max_abs_diff``. The exported
+model is then scored on val and test (ONNX Runtime's probabilities, what the service answers);
+test decides nothing here, it is only reported.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from imgpipe.export.parity import Parity, compare, images_per_second, keras_prob
 from imgpipe.export.quantize import quantize
 from imgpipe.files import sha256, write_folder_atomic, write_text_atomic
 from imgpipe.params import Params
+from imgpipe.training.evaluation import BASELINE_MARGIN, Scores, evaluate, side_by_side
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,14 @@ class Exported:
     metrics: dict  # as written to the reports' metrics.json
     timings: dict  # as written to the untracked timings JSON
     parity: Parity
+
+
+def headline(scores: Scores) -> dict:
+    """The numbers a bundle carries (and ``/metadata`` shows), split by split, and whether the
+    model beats the weighted random guess on val."""
+    return {split: {key: e.headline()[key] for key in ("accuracy", "macro_f1", "baseline_macro_f1")}
+            for split, e in (("val", scores.val), ("test", scores.test))} | {
+        "beats_baseline": scores.beats_baseline, "baseline_margin": BASELINE_MARGIN}
 
 
 def build_bundle(model_path: Path, records: Path, out: Path, reports: Path, timings_path: Path, name: str,
@@ -49,13 +60,13 @@ def build_bundle(model_path: Path, records: Path, out: Path, reports: Path, timi
     import keras
 
     from imgpipe.records.read import DatasetError, load_arrays, record_image_size
-    from imgpipe.training.evaluation import evaluate
     from imgpipe.training.reports import dataset_version
 
     try:
         labels = json.loads((records / "labels.json").read_text())
         size = record_image_size(records)
         images, y_true = load_arrays(records, "val", size)
+        test_images, test_true = load_arrays(records, "test", size)
     except (OSError, json.JSONDecodeError, DatasetError) as exc:
         raise StageError(f"--records {records}: {exc}") from None
     try:
@@ -77,12 +88,9 @@ def build_bundle(model_path: Path, records: Path, out: Path, reports: Path, timi
     sess = session(onnx_bytes)
     onnx_probs = run_onnx(sess, images, p.batch_size)
     parity = compare(keras_probs, onnx_probs, p.max_abs_diff)
-    evaluation = evaluate(y_true, onnx_probs, labels)
-    metrics = {
-        "parity": parity.metrics(),
-        "accuracy": evaluation.accuracy, "macro_f1": evaluation.macro_f1,
-        "class_activation_maps": dense is not None,
-    }
+    scores = Scores(evaluate(y_true, onnx_probs, labels),
+                    evaluate(test_true, run_onnx(sess, test_images, p.batch_size), labels))
+    metrics = {"parity": parity.metrics(), **scores.metrics(), "class_activation_maps": dense is not None}
     timings = {"onnx_images_per_second": images_per_second(sess, images[:256], p.batch_size)}
 
     files = {MODEL_FILES["fp32"]: onnx_bytes}
@@ -91,9 +99,10 @@ def build_bundle(model_path: Path, records: Path, out: Path, reports: Path, timi
         int8 = quantize(onnx_bytes, calibration[:p.calibration_images])
         int8_sess = session(int8)
         int8_probs = run_onnx(int8_sess, images, p.batch_size)
-        int8_eval = evaluate(y_true, int8_probs, labels)
-        metrics["int8"] = {"accuracy": int8_eval.accuracy, "macro_f1": int8_eval.macro_f1,
-                           "accuracy_change": round(int8_eval.accuracy - evaluation.accuracy, 6),
+        int8_scores = Scores(evaluate(y_true, int8_probs, labels),
+                             evaluate(test_true, run_onnx(int8_sess, test_images, p.batch_size), labels))
+        metrics["int8"] = {**side_by_side({"val": int8_scores.val.headline(), "test": int8_scores.test.headline()}),
+                           "accuracy_change": round(int8_scores.val.accuracy - scores.val.accuracy, 6),
                            "top1_agreement": float(np.mean(int8_probs.argmax(1) == onnx_probs.argmax(1)))}
         timings["int8_images_per_second"] = images_per_second(int8_sess, images[:256], p.batch_size)
         timings["int8_speedup"] = timings["int8_images_per_second"] / timings["onnx_images_per_second"]
@@ -116,7 +125,7 @@ def build_bundle(model_path: Path, records: Path, out: Path, reports: Path, timi
                    "opset": p.opset},
         "input": {"name": INPUT, "shape": ["batch", size, size, 3], "dtype": "float32", "range": [0, 255]},
         "outputs": outputs,
-        "metrics": {"accuracy": evaluation.accuracy, "macro_f1": evaluation.macro_f1},
+        "metrics": headline(scores),
     }
     files[METADATA] = (json.dumps(metadata, indent=2) + "\n").encode()
     write_text_atomic(reports / "metrics.json", json.dumps(metrics, indent=2) + "\n")

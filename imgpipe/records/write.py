@@ -1,10 +1,11 @@
 """Packing: class folders of images -> letterboxed, sharded TFRecords with a fixed split.
 
-Each image goes to train or val by a hash of (seed, its content's sha256): the split never
+Each image goes to train, val or test by a hash of (seed, its content's sha256): the split never
 depends on order or on the other images, so adding images never moves an existing one, and the
-same content can never be in both splits. (One exception, for tiny classes: when every image of
-a class hashes to the same split, the one nearest the threshold is sent to the other, and it
-returns to its own split once the class grows enough not to need it.)
+same content can never be in two splits. (One exception, for tiny classes: a split that hashing
+leaves empty for a class gets the image nearest its share, which returns to its own split once
+the class grows enough not to need it.) Val chooses (epochs, trials, the served model); test
+chooses nothing and is evaluated once, at the end.
 
 Pixels come from ``imgpipe.images.preprocess``, the function the prediction service uses too,
 and are stored as lossless PNG. ``imgpipe.records.read`` reads the shards back.
@@ -33,7 +34,7 @@ from imgpipe.files import replacing_folder, write_csv_atomic, write_text_atomic
 from imgpipe.images import preprocess
 from imgpipe.params import PackParams
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 
 Skipped = tuple[str, str, str]  # (path, label, reason): one row of skipped.csv
 
@@ -74,22 +75,40 @@ def uniform(seed: int, digest: str) -> float:
     return int(hashlib.sha256(f"{seed}:{digest}".encode()).hexdigest()[:16], 16) / 2**64
 
 
-def assign_splits(sources: list[Source], seed: int, val_fraction: float) -> dict[str, str]:
-    """digest -> split. A class of two or more images gets at least one image in each split:
-    when hashing leaves a split empty, the image nearest the threshold crosses over (only tiny
-    classes ever need this)."""
-    split = {s.digest: "val" if uniform(seed, s.digest) < val_fraction else "train" for s in sources}
-    by_class: dict[str, list[str]] = defaultdict(list)
+def split_bounds(val_fraction: float, test_fraction: float) -> dict[str, tuple[float, float]]:
+    """Each split's share of [0, 1): test first, then val, then train."""
+    return {"test": (0.0, test_fraction), "val": (test_fraction, test_fraction + val_fraction),
+            "train": (test_fraction + val_fraction, 1.0)}
+
+
+def _distance(u: float, bounds: tuple[float, float]) -> float:
+    low, high = bounds
+    return 0.0 if low <= u < high else min(abs(u - low), abs(u - high))
+
+
+def assign_splits(sources: list[Source], seed: int, val_fraction: float, test_fraction: float) -> dict[str, str]:
+    """digest -> split. Each image falls in the split whose share of [0, 1) holds its hash.
+
+    A class of three or more images gets at least one in every split (of two: one in train and
+    one in val): when hashing leaves a split empty, the image nearest that split's share crosses
+    over from a split that can spare it. Only tiny classes ever need this, and an image that
+    crossed returns once its class is big enough."""
+    bounds = split_bounds(val_fraction, test_fraction)
+    position = {s.digest: uniform(seed, s.digest) for s in sources}
+    split = {digest: next(name for name, (low, high) in bounds.items() if low <= u < high)
+             for digest, u in position.items()}
+    by_class: dict[str, set[str]] = defaultdict(set)
     for s in sources:
-        by_class[s.label].append(s.digest)
+        by_class[s.label].add(s.digest)
     for digests in by_class.values():
-        digests = sorted(set(digests), key=lambda d: uniform(seed, d))
-        if len(digests) < 2:
-            continue
-        if all(split[d] == "train" for d in digests):
-            split[digests[0]] = "val"
-        elif all(split[d] == "val" for d in digests):
-            split[digests[-1]] = "train"
+        needed = SPLITS if len(digests) >= 3 else ("train", "val") if len(digests) == 2 else ()
+        for name in needed:
+            held = Counter(split[d] for d in digests)
+            if held[name]:
+                continue
+            # A donor's split either is not needed or keeps another image.
+            donors = sorted(d for d in digests if split[d] not in needed or held[split[d]] > 1)
+            split[min(donors, key=lambda d: (_distance(position[d], bounds[name]), d))] = name
     return split
 
 
@@ -149,11 +168,11 @@ def pack(images: Path, out: Path, p: PackParams) -> tuple[dict, list[Skipped]]:
         sources = list(pool.map(hash_file, items, chunksize=64))
         # One copy per (label, content); the split is decided by content alone.
         sources = sorted({(s.label, s.digest): s for s in sources}.values(), key=lambda s: (s.label, s.digest))
-        split = assign_splits(sources, p.seed, p.val_fraction)
+        split = assign_splits(sources, p.seed, p.val_fraction, p.test_fraction)
         # Records in a content-hash order: shards mix the classes, and the order never moves.
         ordered = {name: sorted((s for s in sources if split[s.digest] == name),
                                 key=lambda s: uniform(p.seed + 1, s.digest)) for name in SPLITS}
-        work = ordered["train"] + ordered["val"]
+        work = [source for name in SPLITS for source in ordered[name]]
         pack_image = functools.partial(pack_one, size=p.image_size, pad_color=tuple(p.pad_color),
                                        resample=p.resample)
         results = pool.map(pack_image, work, chunksize=16)

@@ -25,9 +25,9 @@ import numpy as np
 from imgpipe.errors import StageError
 from imgpipe.params import Params
 from imgpipe.records.read import DatasetError, load_arrays, record_image_size
-from imgpipe.training.evaluation import Evaluation
+from imgpipe.training.evaluation import Scores
 from imgpipe.training.models import class_weights, params_head, seed_everything, strategy_for
-from imgpipe.training.reports import history_row, publish, start_run, write_dict_csv
+from imgpipe.training.reports import Predictions, history_row, publish, start_run, write_dict_csv
 from imgpipe.training.tracking import Tracker
 
 MODEL_NAME = "autokeras"
@@ -39,7 +39,7 @@ PRETRAINED = ("res_net_block_1", "xception_block_1", "efficient_net_block_1")
 
 @dataclass(frozen=True)
 class Searched:
-    evaluation: Evaluation  # of the saved (plain Keras) best model on the whole validation split
+    scores: Scores  # of the saved (plain Keras) best model on the whole val and test splits
     trials_run: int
     best_trial: str  # KerasTuner's own id, as it names the trial (zero-padded)
     architecture: str
@@ -254,6 +254,7 @@ def search(params: Params, records: Path, out: Path, reports: Path, workdir: Pat
         size = record_image_size(records)
         train_x, train_y = load_arrays(records, "train", size)
         val_x, val_y = load_arrays(records, "val", size)
+        test_x, test_y = load_arrays(records, "test", size)
     except (OSError, json.JSONDecodeError, DatasetError) as exc:
         raise StageError(f"--records {records}: {exc}") from None
     # AutoKeras picks its head like train.head=auto; an impossible explicit head is still refused
@@ -296,8 +297,11 @@ def search(params: Params, records: Path, out: Path, reports: Path, workdir: Pat
     best_trial = oracle.get_best_trials(1)[0]
     searched = classifier.export_model()
     model = portable(searched, size, resize)
-    outputs = np.concatenate([model.predict_on_batch(val_x[i:i + p.batch_size].astype(np.float32))
-                              for i in range(0, len(val_x), p.batch_size)])
+    def predict(images: np.ndarray) -> np.ndarray:
+        return np.concatenate([model.predict_on_batch(images[i:i + p.batch_size].astype(np.float32))
+                               for i in range(0, len(images), p.batch_size)])
+
+    outputs = predict(val_x)
     reference = searched.predict(val_search[: p.batch_size], verbose=0)
     if not np.allclose(outputs[: p.batch_size], reference, rtol=0, atol=1e-6):
         raise StageError("the plain-Keras copy of the best AutoKeras model predicts differently; not saving it")
@@ -310,7 +314,9 @@ def search(params: Params, records: Path, out: Path, reports: Path, workdir: Pat
              "image_size": size}
     write_dict_csv(reports / "trials.csv", rows)
     log_trials(tracker, oracle, recorder, rows)
-    evaluation, _ = publish(model, MODEL_NAME, out, reports, labels, val_y, outputs, history, extra,
-                            lambda indices: {i: val_x[i] for i in indices}, tracker)
+    # Everything was chosen on val (trials, epochs); test is predicted now, once.
+    scores = publish(model, MODEL_NAME, out, reports, labels, Predictions(val_y, outputs),
+                     Predictions(test_y, predict(test_x)), history, extra,
+                     lambda indices: {i: val_x[i] for i in indices}, tracker)
     tracker.stop()
-    return Searched(evaluation, len(rows), best_trial.trial_id, extra["architecture"], extra["best_epoch"])
+    return Searched(scores, len(rows), best_trial.trial_id, extra["architecture"], extra["best_epoch"])

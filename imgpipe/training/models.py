@@ -62,16 +62,24 @@ def params_head(head: str, classes: int, params_files: list[Path]) -> str:
         raise ParamsError(f"{' + '.join(map(str, params_files))}: {exc}") from None
 
 
-def build_resnet(image_size: int, classes: int, head: str = "auto", dropout: float = 0.0) -> keras.Model:
-    """ResNet50V2 from scratch (weights=None: nothing is downloaded), global pooling, new head.
+BACKBONE = "resnet50v2"  # the name Keras gives ResNet50V2's convolutional base
+
+
+def build_resnet(image_size: int, classes: int, head: str = "auto", dropout: float = 0.0,
+                 batchnorm_momentum: float = 0.99) -> keras.Model:
+    """ResNet50V2 without weights (nothing is downloaded), global pooling, new head.
 
     Layer names are part of the contract with the export stage: ``features`` is the last
     convolutional feature map, ``pool`` the global average, ``predictions`` the head.
+    ``batchnorm_momentum`` is set on every batch normalization of the backbone (Keras' own is 0.99).
     """
     head = resolve_head(head, classes)
     inputs = keras.Input((image_size, image_size, 3), name="image")
     scaled = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale")(inputs)  # ResNet V2 expects [-1, 1]
     backbone = keras.applications.ResNet50V2(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = batchnorm_momentum
     features = keras.layers.Identity(name="features")(backbone(scaled))
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)
     if dropout > 0:
@@ -80,6 +88,36 @@ def build_resnet(image_size: int, classes: int, head: str = "auto", dropout: flo
     # float32 even under mixed precision: probabilities stay exact enough to compare and export.
     outputs = keras.layers.Dense(units, activation=activation, name="predictions", dtype="float32")(pooled)
     return keras.Model(inputs, outputs, name="resnet50v2_classifier")
+
+
+def backbone(model: keras.Model) -> keras.Model:
+    return model.get_layer(BACKBONE)
+
+
+def load_backbone_weights(model: keras.Model, weights: str, params_files: list[Path]) -> None:
+    """``train.resnet.weights`` into the backbone of ``build_resnet``'s model: ``none`` leaves it as
+    initialised, ``imagenet`` fetches Keras' ImageNet weights (a download: needs internet once, then
+    Keras' cache), anything else is the path of a weights file of ResNet50V2's base, as
+    ``backbone(model).save_weights("x.weights.h5")`` writes or Keras' ``..._notop.h5`` ImageNet file.
+    A missing or incompatible file is a params error naming it (exit code 2)."""
+    if weights == "none":
+        return
+    where = f"{' + '.join(map(str, params_files))}: train.resnet.weights"
+    if weights == "imagenet":
+        try:
+            source = keras.applications.ResNet50V2(include_top=False, weights="imagenet")
+        except Exception as exc:  # noqa: BLE001 - a failed download shows up as many kinds of error
+            raise ParamsError(f"{where}: imagenet: cannot fetch Keras' ImageNet weights "
+                              f"({str(exc).splitlines()[0]}); offline, pass a weights file instead") from None
+        backbone(model).set_weights(source.get_weights())
+        return
+    path = Path(weights)
+    if not path.is_file():
+        raise ParamsError(f"{where}: {path}: no such file (none, imagenet or a .weights.h5 file)")
+    try:
+        backbone(model).load_weights(path)
+    except Exception as exc:  # noqa: BLE001 - Keras and h5py raise many kinds; the message says which
+        raise ParamsError(f"{where}: {path}: not ResNet50V2 base weights ({str(exc).splitlines()[0]})") from None
 
 
 def loss_for(head: str, label_smoothing: float = 0.0) -> keras.losses.Loss:

@@ -1,8 +1,10 @@
 """What every trainer leaves behind, written the same way for ResNet50V2 and AutoKeras.
 
-``publish`` evaluates the predictions on the validation split and writes the model and the DVC
-outputs (``metrics.json``, ``history.csv`` for the curves, ``confusion.csv`` for DVC's confusion
-template), the pictures (``pictures/``: curves, confusion matrix, most confident mistakes), the same
+``publish`` evaluates the predictions on the validation and test splits and writes the model and
+the DVC outputs (``metrics.json`` with val and test side by side, ``per_class.json``,
+``history.csv`` for the curves,
+``confusion.csv`` and ``confusion_test.csv`` for DVC's confusion template), the pictures
+(``pictures/``: curves, both confusion matrices, the most confident val mistakes), the same
 numbers and pictures to the Neptune run. Nothing written here holds a time or a path.
 """
 
@@ -14,6 +16,7 @@ import io
 import json
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,8 @@ from imgpipe import params as params_module
 from imgpipe.cli import entry_parser
 from imgpipe.files import write_csv_atomic, write_text_atomic
 from imgpipe.training.evaluation import (
-    Evaluation,
+    DIGITS,
+    Scores,
     confusion_rows,
     evaluate,
     plot_confusion,
@@ -76,6 +80,13 @@ def start_run(name: str, tags: list[str], parameters: dict, records: Path, train
     return tracker
 
 
+def print_summary(name: str, scores: Scores, details: str, reports: Path) -> None:
+    """A trainer's closing lines: val and test, then, for a model no better than chance, a loud one."""
+    print(f"{name}: {scores.summary()}; {details}")
+    if scores.warning():
+        print(f"{name}: {scores.warning()}; see {reports / 'pictures'}/ and {reports / 'metrics.json'}")
+
+
 def history_row(epoch: int, logs: dict) -> dict:
     return {"epoch": epoch, **{key: round(float(logs[key]), 6) for key in HISTORY_KEYS if key in logs}}
 
@@ -109,32 +120,47 @@ def write_dict_csv(path: Path, rows: list[dict]) -> None:
     write_csv_atomic(path, header, ([row.get(key, "") for key in header] for row in rows))
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """A split's true labels and the model's outputs for it, in record order."""
+
+    y_true: np.ndarray
+    outputs: np.ndarray
+
+
 def publish(model, model_name: str, out: Path, reports: Path, labels: list[str],  # type: ignore[no-untyped-def]
-            y_true: np.ndarray, outputs: np.ndarray, history: list[dict], extra: dict,
-            images_at: Callable[[list[int]], dict[int, np.ndarray]], tracker: Tracker) -> tuple[Evaluation, dict]:
-    """Evaluate, then write the model, the DVC metrics and plots, the pictures, and the tracker's copy.
+            val: Predictions, test: Predictions, history: list[dict], extra: dict,
+            images_at: Callable[[list[int]], dict[int, np.ndarray]], tracker: Tracker) -> Scores:
+    """Evaluate on val and test, then write the model, the DVC metrics and plots, the pictures,
+    and the tracker's copy. Everything was chosen on val before this; test is only reported.
 
     ``images_at(indices)`` returns the validation images the mistakes picture shows."""
-    evaluation = evaluate(y_true, outputs, labels)
-    metrics = {**evaluation.metrics(), **extra}
+    scores = Scores(evaluate(val.y_true, val.outputs, labels), evaluate(test.y_true, test.outputs, labels))
+    metrics = {**scores.metrics(), **extra}
     save_model(model, out / "model.keras")
     write_text_atomic(reports / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(reports / "per_class.json", json.dumps(scores.per_class(), indent=2) + "\n")
     write_dict_csv(reports / "history.csv", history)
-    write_dict_csv(reports / "confusion.csv", confusion_rows(y_true, outputs, labels))
+    write_dict_csv(reports / "confusion.csv", confusion_rows(val.y_true, val.outputs, labels))
+    write_dict_csv(reports / "confusion_test.csv", confusion_rows(test.y_true, test.outputs, labels))
     pictures = reports / "pictures"
     plot_history(history, pictures / "curves.png", model_name)
-    plot_confusion(evaluation, pictures / "confusion.png", f"{model_name}: confusion matrix (validation)")
-    plot_mistakes(images_at(worst_mistakes(y_true, outputs)), y_true, outputs, labels, pictures / "mistakes.png")
+    plot_confusion(scores.val, pictures / "confusion.png", f"{model_name}: confusion matrix (validation)")
+    plot_confusion(scores.test, pictures / "confusion_test.png", f"{model_name}: confusion matrix (test)")
+    plot_mistakes(images_at(worst_mistakes(val.y_true, val.outputs)), val.y_true, val.outputs, labels,
+                  pictures / "mistakes.png")
 
-    for key in ("accuracy", "macro_f1"):
-        tracker.set(f"metrics/{key}", metrics[key])
-    tracker.set("metrics/baseline_macro_f1", metrics["baseline"]["macro_f1"])
+    for split, evaluation in (("val", scores.val), ("test", scores.test)):
+        tracker.set(f"metrics/{split}/accuracy", round(evaluation.accuracy, DIGITS))
+        tracker.set(f"metrics/{split}/macro_f1", round(evaluation.macro_f1, DIGITS))
+        tracker.set(f"metrics/{split}/baseline_macro_f1", round(evaluation.baseline_macro_f1, DIGITS))
+    tracker.set("metrics/beats_baseline", scores.beats_baseline)
     for key, value in extra.items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             tracker.set(f"metrics/{key}", value)
-    for picture in ("curves", "confusion", "mistakes"):
+    for picture in ("curves", "confusion", "confusion_test", "mistakes"):
         tracker.upload(f"pictures/{picture}", pictures / f"{picture}.png")
     summary = io.StringIO()
     model.summary(print_fn=lambda line, **_: summary.write(line + "\n"))
     tracker.set("model/summary", summary.getvalue())
-    return evaluation, metrics
+    return scores

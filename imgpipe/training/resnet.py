@@ -1,6 +1,7 @@
-"""Training ResNet50V2 from scratch on the packed TFRecords.
+"""Training ResNet50V2 on the packed TFRecords, from scratch or from a weights file.
 
-Keeps the weights of the epoch with the lowest validation loss, not the last. Writes the model
+Keeps the weights of the epoch with the lowest validation loss, not the last, then evaluates them
+on val and, once, on the held-out test split. Writes the model
 (``model.keras``, byte-reproducible), DVC metrics and plots (``metrics.json``, ``history.csv``,
 ``confusion.csv``) and pictures (curves, confusion matrix, most confident mistakes), and records
 the run in Neptune (offline unless NEPTUNE_MODE says otherwise).
@@ -8,6 +9,7 @@ the run in Neptune (offline unless NEPTUNE_MODE says otherwise).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -19,17 +21,19 @@ import numpy as np
 from imgpipe.errors import StageError
 from imgpipe.params import Params, ResnetParams
 from imgpipe.records.read import DatasetError, label_counts, make_dataset, record_image_size
-from imgpipe.training.evaluation import Evaluation
+from imgpipe.training.evaluation import Scores
 from imgpipe.training.models import (
+    backbone,
     build_resnet,
     class_weights,
+    load_backbone_weights,
     loss_for,
     params_head,
     seed_everything,
     strategy_for,
     targets_for,
 )
-from imgpipe.training.reports import history_row, publish, start_run
+from imgpipe.training.reports import Predictions, history_row, publish, start_run
 from imgpipe.training.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -39,19 +43,33 @@ MODEL_NAME = "resnet50v2"
 
 @dataclass(frozen=True)
 class Trained:
-    evaluation: Evaluation  # on the whole validation split, with the best epoch's weights
+    scores: Scores  # on the whole val and test splits, with the best epoch's weights
     best_epoch: int
     epochs_run: int
 
 
-def optimizer_for(p: ResnetParams, steps: int):  # type: ignore[no-untyped-def]
+def learning_rate(p: ResnetParams, steps: int, warmup_steps: int):  # type: ignore[no-untyped-def]
+    """``p.learning_rate``, reached linearly over ``warmup_steps``, then constant or cosine-decayed
+    to 0 by the end of ``steps`` (all the steps of this fit, warm-up included)."""
     import keras
 
-    rate = p.learning_rate
-    if p.schedule == "cosine":
-        rate = keras.optimizers.schedules.CosineDecay(p.learning_rate, decay_steps=max(1, steps))
+    schedules = keras.optimizers.schedules
+    decay_steps = max(1, steps - warmup_steps)
+    if not warmup_steps:
+        return schedules.CosineDecay(p.learning_rate, decay_steps) if p.schedule == "cosine" else p.learning_rate
+    # alpha=1: the "decay" ends where it starts, i.e. constant after the warm-up.
+    return schedules.CosineDecay(0.0, decay_steps, alpha=0.0 if p.schedule == "cosine" else 1.0,
+                                 warmup_target=p.learning_rate, warmup_steps=warmup_steps)
+
+
+def optimizer_for(p: ResnetParams, steps: int, warmup_steps: int = 0):  # type: ignore[no-untyped-def]
+    import keras
+
+    rate = learning_rate(p, steps, warmup_steps)
     if p.optimizer == "sgd":
-        return keras.optimizers.SGD(rate, momentum=0.9)
+        return keras.optimizers.SGD(rate, momentum=0.9, weight_decay=p.weight_decay or None)
+    if p.weight_decay:
+        return keras.optimizers.AdamW(rate, weight_decay=p.weight_decay)
     return keras.optimizers.Adam(rate)
 
 
@@ -91,6 +109,14 @@ def best_weights():  # type: ignore[no-untyped-def]
     return BestWeights()
 
 
+def predictions(model, dataset) -> Predictions:  # type: ignore[no-untyped-def]
+    """The model's outputs on a whole split, in record order, with the true labels.
+
+    model.predict, not predict_on_batch: under tf.distribute it splits and regathers batches in order."""
+    outputs = model.predict(dataset.map(lambda images, _: images), verbose=0)
+    return Predictions(np.concatenate([truth.numpy() for _, truth in dataset]), outputs)
+
+
 def images_at(dataset) -> Callable[[list[int]], dict[int, np.ndarray]]:  # type: ignore[no-untyped-def]
     """Only the images the mistakes picture shows, found by index in a second pass (not all in memory)."""
     return lambda indices: _images_at(dataset, set(indices))
@@ -119,12 +145,13 @@ def train(params: Params, records: Path, out: Path, reports: Path, params_files:
         train_data = make_dataset(records, "train", p.batch_size, size, seed=p.seed,
                                   augment=params.augment if p.augment else None)
         val_data = make_dataset(records, "val", p.batch_size, size, training=False)
+        test_data = make_dataset(records, "test", p.batch_size, size, training=False)
         counts = label_counts(records, "train", len(labels))
     except (OSError, json.JSONDecodeError, DatasetError) as exc:
         raise StageError(f"--records {records}: {exc}") from None
     head = params_head(common.head, len(labels), params_files)
     to_targets = targets_for(head, len(labels))
-    steps = p.epochs * -(-sum(counts) // p.batch_size)
+    steps_per_epoch = -(-sum(counts) // p.batch_size)
 
     parameters = {"train": common.model_dump(exclude={"automl"}), "augment": params.augment.model_dump(),
                   "image_size": size}
@@ -139,23 +166,35 @@ def train(params: Params, records: Path, out: Path, reports: Path, params_files:
     if common.strategy != "default":
         log.info("%s: %s with %d replica(s)", name, type(strategy).__name__, strategy.num_replicas_in_sync)
     with strategy.scope():
-        model = build_resnet(size, len(labels), head, p.dropout)
-        model.compile(optimizer=optimizer_for(p, steps), loss=loss_for(head, p.label_smoothing), metrics=["accuracy"])
+        model = build_resnet(size, len(labels), head, p.dropout, p.batchnorm_momentum)
+        load_backbone_weights(model, p.weights, params_files)
     history: list[dict] = []
     best = best_weights()
     callbacks = [epoch_logger(tracker, history), best]
     if p.patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=p.patience))
-    weights = class_weights(counts) if p.class_weighting else None
-    model.fit(train_data.map(to_targets), validation_data=val_data.map(to_targets), epochs=p.epochs,
-              class_weight=weights, callbacks=callbacks, verbose=2)
+    fit = functools.partial(model.fit, train_data.map(to_targets), validation_data=val_data.map(to_targets),
+                            class_weight=class_weights(counts) if p.class_weighting else None,
+                            callbacks=callbacks, verbose=2)
+    frozen = min(p.freeze_epochs, p.epochs) if p.weights != "none" else 0
+    if frozen:  # the new head first, on top of the loaded backbone (whose batch norm stays in inference)
+        backbone(model).trainable = False
+        with strategy.scope():
+            model.compile(optimizer=optimizer_for(p, frozen * steps_per_epoch), loss=loss_for(head, p.label_smoothing),
+                          metrics=["accuracy"])
+        fit(epochs=frozen)
+        backbone(model).trainable = True
+    if p.epochs > frozen and not (frozen and model.stop_training):
+        epochs = p.epochs - frozen
+        with strategy.scope():
+            model.compile(optimizer=optimizer_for(p, epochs * steps_per_epoch, p.warmup_epochs * steps_per_epoch),
+                          loss=loss_for(head, p.label_smoothing), metrics=["accuracy"])
+        fit(epochs=p.epochs, initial_epoch=frozen)
 
-    # Evaluation on the whole validation split, with the best epoch's weights.
-    # model.predict, not predict_on_batch: under tf.distribute it splits and regathers batches in order.
-    outputs = model.predict(val_data.map(lambda images, _: images), verbose=0)
-    y_true = np.concatenate([truth.numpy() for _, truth in val_data])
-    extra = {"best_epoch": best.best_epoch, "epochs_run": len(history), "head": head, "image_size": size}
-    evaluation, _ = publish(model, MODEL_NAME, out, reports, labels, y_true, outputs, history, extra,
-                            images_at(val_data), tracker)
+    # The best epoch's weights were chosen on val; now val and, once, test are evaluated with them.
+    extra = {"best_epoch": best.best_epoch, "epochs_run": len(history), "head": head, "image_size": size,
+             "weights": p.weights if p.weights in ("none", "imagenet") else Path(p.weights).name}
+    scores = publish(model, MODEL_NAME, out, reports, labels, predictions(model, val_data),
+                     predictions(model, test_data), history, extra, images_at(val_data), tracker)
     tracker.stop()
-    return Trained(evaluation, best.best_epoch, len(history))
+    return Trained(scores, best.best_epoch, len(history))

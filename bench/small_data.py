@@ -12,7 +12,7 @@ so the model evaluated in inference mode is not the one that was trained. The de
 44 steps per epoch) hides this.
 
 What: nothing can be downloaded, so the set is built from real handwritten digits shipped with
-scikit-learn (``load_digits``): two classes that look alike at 8x8 (3 and 8), 120 and 80 images
+scikit-learn (``load_digits``): two classes (0 and 1 by default, ``--digits``), 120 and 80 images
 (the user's 60/40 imbalance), each written as a photo would be: 300-1200 px sides, varied aspect
 ratios, tinted paper with an uneven light, the digit at a random place, size and tilt, blur,
 sensor noise, JPEG. The files are byte-identical for a fixed seed. Then the real stages run through
@@ -46,7 +46,9 @@ WORK = Path("/tmp/smallset")
 DEMO_IMAGES = ROOT / "build" / "images"
 
 SEED = 13
-CLASSES = {"3": 120, "8": 80}  # digit -> images: ~200 in all, 60/40 like the user's set
+# digit -> images: ~200 in all, 60/40 like the user's set. Two shapes as distinct as a user's two
+# kinds of photo (AutoKeras told theirs apart at 0.977); --digits 3 8 is a much harder pair.
+CLASSES = {"0": 120, "1": 80}
 
 # train.resnet keys only, written out in full so the comparison does not depend on params.yaml.
 BEFORE = {"optimizer": "adam", "learning_rate": 0.001, "schedule": "cosine", "batch_size": 32,
@@ -211,6 +213,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.small_data", description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=WORK, help="images, records, models, logs (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=SEED, help="data set seed (default: %(default)s)")
+    parser.add_argument("--digits", nargs=2, default=list(CLASSES), metavar="DIGIT",
+                        help="the two digits, 120 and 80 images (default: %(default)s)")
     parser.add_argument("--only", choices=sorted(CONFIGS), nargs="+", default=sorted(CONFIGS, reverse=True))
     parser.add_argument("--epochs", type=int, default=10, help="train.resnet.epochs (default: %(default)s)")
     parser.add_argument("--demo", action="store_true",
@@ -232,7 +236,8 @@ def main() -> None:
     else:
         images, epochs = work / "images", args.epochs
         if not images.exists():
-            print(f"small_data: {write_set(images, args.seed)} images in {images}", flush=True)
+            classes = dict(zip(args.digits, CLASSES.values(), strict=True))
+            print(f"small_data: {write_set(images, args.seed, classes)} images in {images}", flush=True)
     if args.data_only:
         return
     records = work / "records"
@@ -244,6 +249,8 @@ def main() -> None:
     started = time.time()
     key = "demo" if args.demo else "small"
     section = results.setdefault(key, {"images": str(images), "configs": {}})
+    if not args.demo:
+        section["digits"] = args.digits
     section["pack"] = json.loads((work / "pack.json").read_text()).get("images")
     for name in args.only:
         config = {**CONFIGS[name], "epochs": epochs, **({} if name != "before" else BEFORE_NEW_KEYS)}

@@ -376,6 +376,7 @@ def small_data_block(small: dict) -> str:
     """Before and after on the small set, with where the figures come from (a run of its own)."""
     run = small.get("run") or {}
     pack = small.get("pack") or {}
+    digits = f", {' and '.join(small['digits'])}" if small.get("digits") else ""
     body = []
     for name, row in small["configs"].items():
         changed = ", ".join(f"`{key}` {value}" for key, value in row["params"].items()
@@ -393,7 +394,7 @@ def small_data_block(small: dict) -> str:
         origin = "a run from before its results recorded one: no commit or start time in the file"
     intro = (f"`python -m bench.small_data`, run on its own ({origin}; not part of a "
              f"`make bench` run): ResNet50V2 from scratch at 224 px on {sum(pack.values()) if pack else '?'} photos "
-             f"of two handwritten digits ({listing([f'{n} {split}' for split, n in pack.items()])}), the old "
+             f"of two handwritten digits{digits} ({listing([f'{n} {split}' for split, n in pack.items()])}), the old "
              "defaults against the new, everything else as in `params.yaml`.")
     header = ["configuration", "val accuracy / macro-F1", "test accuracy / macro-F1", "guess macro-F1",
               "beats baseline", "best epoch", "highest val loss", "time"]

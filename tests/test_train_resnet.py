@@ -144,6 +144,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpu_devices(tmp_path, records):
     assert keras.models.load_model(tmp_path / "model" / "model.keras").output_shape == (None, 3)
 
 
+@pytest.mark.slow
 def test_a_run_starts_from_saved_backbone_weights_and_bad_files_are_params_errors(tmp_path, monkeypatch, records):
     from imgpipe.training.models import backbone
 

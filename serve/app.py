@@ -109,8 +109,8 @@ class Metadata(BaseModel):
     version: str
     labels: list[str] = Field(description="labels in output index order")
     input_size: int = Field(description="side of the square the image is letterboxed into")
-    metrics: ModelMetrics = Field(description="the exported model's metrics, on val and on the held-out test "
-                                              "split separately")
+    metrics: ModelMetrics | None = Field(description="the exported model's metrics, on val and on the held-out test "
+                                              "split separately; null for a bundle that was never evaluated")
     dataset: str = Field(description="hash of the TFRecords the model was trained on")
     class_activation_maps: bool = Field(description="whether /annotate can draw heatmaps")
     precision: str = Field(description="fp32 (model.onnx) or int8 (model.int8.onnx)")
@@ -212,8 +212,11 @@ class Timing:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
-def bundle_metrics(bundle: Bundle) -> ModelMetrics:
-    """The metrics /metadata shows; a bundle without them in the val/test layout does not start (one line)."""
+def bundle_metrics(bundle: Bundle) -> ModelMetrics | None:
+    """The metrics /metadata shows: None for a bundle that carries none (a model never evaluated, such
+    as the benchmark's untrained one); metrics in another layout stop the service (one line)."""
+    if not bundle.metadata.get("metrics"):
+        return None
     try:
         return ModelMetrics.model_validate(bundle.metadata.get("metrics"))
     except ValidationError as exc:

@@ -78,6 +78,12 @@ def test_a_bundle_without_val_and_test_metrics_does_not_start(bundles, tmp_path)
         create_app(Settings(bundle=folder))
     assert "\n" not in str(raised.value)
 
+    # A bundle that was never evaluated (the benchmark's untrained model) serves, with no metrics.
+    metadata["metrics"] = {}
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    with running(create_app(Settings(bundle=folder))) as url:
+        assert httpx.get(url + "/metadata").json()["metrics"] is None
+
 
 def test_every_input_kind_gives_onnx_runtimes_probabilities(served):
     client, app, root = served

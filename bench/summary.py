@@ -31,19 +31,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # The files `make bench` writes, in its order. Other files in bench/results/ are not part of it.
 FILES = ("download", "input_pipeline", "train", "serve")
 # Results files written before the bench scripts recorded their run, accepted only byte for byte
-# (sha256) and only all together; their figures are shown, marked as not verified as one run.
-# Delete these entries once `make bench` has rewritten the files with run records.
-UNSTAMPED = {
-    "download": ("3ca8a3fcda69821ddad6a565e01e74dc2fec3820dba49ef44c337cfa33bfab2d",
-                 "from the `make bench` run of commit b5c7f8b"),
-    "input_pipeline": ("71ec82ea3a90d6bae765be06e7d6cffd0084221de219d9768ee006cc6ae9d542",
-                       "from `bench/input_pipeline.py` run again on its own after that `make bench` "
-                       "(commit b5c7f8b's message says so): not the same run as the others"),
-    "serve": ("1fb6a2105fc4698ffba408eb10e08ea394a4f83e137d77784b10da8361658f06",
-              "from the `make bench` run of commit b5c7f8b"),
-    "train": ("82d6dc0587c7f3dc08518344a10385a40ef5169ca867e4dc2e9eedf91db8da75",
-              "from the `make bench` run of commit b5c7f8b"),
-}
+# (sha256) and only all together, as {name: (sha256, where they came from)}; their figures are
+# shown marked as not verified as one run. Empty since the `make bench` run of 2026-12-02.
+UNSTAMPED: dict[str, tuple[str, str]] = {}
 BLOCKS = ("summary", "download", "pack-read", "train", "serve", "small-data")
 # Not a `make bench` script (a quarter of an hour of training at 224 px): its block says so.
 SMALL_DATA = "small_data.json"

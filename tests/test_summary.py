@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from imgpipe.training.evaluation import side_by_side as stages_side_by_side
 from tools import summary
 
 
 def side_by_side(val: dict, test: dict) -> dict:
-    """Metrics as the stages write them: each number with its val and test values side by side."""
-    return {key: {"val": val[key], "test": test[key]} for key in val}
+    """Metrics as the stages write them (their own transposition): each number with val and test side by side."""
+    return stages_side_by_side({"val": val, "test": test})
 
 
 def scores(accuracy: float, macro_f1: float, guess: float) -> dict:

@@ -91,3 +91,15 @@ def test_the_service_and_the_serve_section_share_their_defaults():
         assert getattr(flags, name) == getattr(settings, name) == getattr(serve_section, name) == getattr(SERVING, name)
     for name in ("max_body_bytes", "max_pixels", "threads", "workers", "precision"):
         assert getattr(flags, name) == getattr(settings, name) == getattr(SERVING, name)
+
+
+def test_splits_that_leave_no_training_images_are_one_line_errors(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("pack:\n  val_fraction: 0.6\n  test_fraction: 0.4\n")
+    with pytest.raises(ParamsError) as raised:
+        load([path])
+    assert str(raised.value) == (f"{path}: pack: val_fraction + test_fraction must be below 1, so that some images "
+                                 "train (got 0.6 + 0.4)")
+    path.write_text("pack:\n  test_fraction: 0\n")
+    with pytest.raises(ParamsError, match=r"pack\.test_fraction: input should be greater than 0"):
+        load([path])

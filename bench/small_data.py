@@ -53,8 +53,9 @@ CLASSES = {"0": 120, "1": 80}
 # train.resnet keys only, written out in full so the comparison does not depend on params.yaml.
 BEFORE = {"optimizer": "adam", "learning_rate": 0.001, "schedule": "cosine", "batch_size": 32,
           "label_smoothing": 0.1, "class_weighting": True, "augment": True, "dropout": 0.0}
-BEFORE_NEW_KEYS = {"batchnorm_momentum": 0.99, "warmup_epochs": 0, "weight_decay": 0.0}
-AFTER = {**BEFORE, "batchnorm_momentum": 0.9, "warmup_epochs": 1, "weight_decay": 0.0}
+BEFORE_NEW_KEYS = {"batchnorm_momentum": 0.99, "warmup_epochs": 0, "weight_decay": 0.0, "min_steps": 0}
+AFTER = {**BEFORE, "batch_size": 16, "batchnorm_momentum": 0.9, "warmup_epochs": 1, "weight_decay": 0.0,
+         "min_steps": 250}
 CONFIGS = {"before": BEFORE, "after": AFTER}
 
 

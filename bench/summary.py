@@ -368,9 +368,10 @@ def small_data_block(small: dict) -> str:
     pack = small.get("pack") or {}
     digits = f", {' and '.join(small['digits'])}" if small.get("digits") else ""
     body = []
+    rows = small["configs"].values()
+    differing = [key for key in next(iter(rows))["params"] if len({str(row["params"].get(key)) for row in rows}) > 1]
     for name, row in small["configs"].items():
-        changed = ", ".join(f"`{key}` {value}" for key, value in row["params"].items()
-                            if key in ("batchnorm_momentum", "warmup_epochs", "weight_decay"))
+        changed = ", ".join(f"`{key}` {row['params'].get(key)}" for key in differing)
         val, test = row["val"], row["test"]
         body.append([f"{name} ({changed})", f"{val['accuracy']:.3f} / {val['macro_f1']:.3f}",
                      f"{test['accuracy']:.3f} / {test['macro_f1']:.3f}", f"{val['baseline_macro_f1']:.3f}",

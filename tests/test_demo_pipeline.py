@@ -121,6 +121,7 @@ train:
   resnet:
     epochs: 1
     batch_size: 64
+    min_steps: 0   # one pass: this pipeline checks the plumbing, not learning
   automl:
     max_trials: 1
     epochs: 10

@@ -27,6 +27,7 @@ train:
   resnet:
     epochs: 2
     batch_size: 8
+    min_steps: 0
     patience: 0
 """
 
@@ -86,14 +87,35 @@ def test_outputs_metrics_plots_pictures_and_neptune_run(tmp_path, monkeypatch, r
 
 
 @pytest.mark.slow
-def test_two_classes_train_a_sigmoid_head(tmp_path, monkeypatch, records):
+def test_two_classes_train_a_sigmoid_head_for_at_least_min_steps(tmp_path, monkeypatch, records, caplog):
     # Bit-identical reruns are proven across processes by `dvc repro -f` in test_demo_pipeline.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NEPTUNE_MODE", "debug")  # nothing written; tracking still exercised
-    out = train(tmp_path, records[2], "run", "--epochs", "1")
+    images = sum(json.loads((records[2].parent / "pack2.json").read_text())["per_class"][c]["train"]
+                 for c in ("cat", "dog"))
+    steps = -(-images // 8)  # batch_size 8: one pass
+    caplog.set_level("INFO", logger="imgpipe")
+    out = train(tmp_path, records[2], "run", "--epochs", "1", "--min-steps", str(2 * steps + 1))
     metrics = json.loads((out / "reports" / "metrics.json").read_text())
-    assert metrics["head"] == "sigmoid" and 0 <= metrics["accuracy"]["val"] <= 1
-    assert keras.models.load_model(out / "model" / "model.keras").output_shape == (None, 1)
+    assert metrics["head"] == "sigmoid" and 0 <= metrics["accuracy"]["val"] <= 1 and metrics["epochs_run"] == 1
+    model = keras.models.load_model(out / "model" / "model.keras")
+    assert model.output_shape == (None, 1)
+    # Three passes over the small split in the one epoch: the optimizer made three passes' steps.
+    assert int(model.optimizer.iterations) == 3 * steps
+    assert f"{images} training images: each epoch is 3 passes, {3 * steps} steps in all" in caplog.text
+
+
+@pytest.mark.parametrize(("images", "batch", "epochs", "min_steps", "passes"), [
+    (141, 16, 10, 250, 3),     # the small-data benchmark: 9 steps a pass, 270 steps in all
+    (1261, 16, 16, 250, 1),    # the demo: 79 steps a pass is already plenty
+    (141, 16, 10, 0, 1),       # 0 turns it off
+    (141, 16, 10, 90, 1),      # exactly enough with one pass
+    (141, 16, 10, 91, 2),
+])
+def test_passes_per_epoch_reach_min_steps(images, batch, epochs, min_steps, passes):
+    from imgpipe.training.resnet import passes_per_epoch
+
+    assert passes_per_epoch(images, batch, epochs, min_steps) == passes
 
 
 def test_bad_records_and_a_head_that_cannot_fit_are_clear_errors(tmp_path, records):

@@ -49,6 +49,22 @@ def missing_files(folder: Path) -> list[str]:
     return [name for name in REQUIRED if not (folder / name).is_file()]
 
 
+# What this version's export writes under metadata.json's "metrics" (imgpipe.export.build).
+METRICS_KEYS = ("val", "test", "beats_baseline", "baseline_margin")
+
+
+def evaluated_metrics(folder: Path, metadata: dict) -> dict:
+    """``metadata["metrics"]`` of the bundle in ``folder``, in this version's layout (val and test
+    apart, with the baseline verdict); a bundle from an older export is a ValueError naming its
+    file and the fix, so no caller reads a missing key."""
+    metrics = metadata.get("metrics") or {}
+    missing = [key for key in METRICS_KEYS if key not in metrics]
+    if missing:
+        raise ValueError(f"{folder / METADATA}: metrics lack {', '.join(missing)} (an export older than the "
+                         "val/test split); re-export with `dvc repro`")
+    return metrics
+
+
 def default_bundle() -> Path:
     """model/ when a release was pulled, else build/serving/."""
     return next((path for path in DEFAULT_BUNDLES if (path / MODEL_FILES["fp32"]).is_file()), DEFAULT_BUNDLES[0])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgpipe.bundle import LABELS, METADATA, MODEL_FILES
+from imgpipe.bundle import LABELS, METADATA, MODEL_FILES, evaluated_metrics
 from imgpipe.errors import StageError
 from imgpipe.files import write_folder_atomic, write_text_atomic
 from imgpipe.params import ServeParams
@@ -37,7 +37,10 @@ def choose(bundles: Path, wanted: str) -> Path:
     named explicitly is served even below the baseline: someone asked for it by name."""
     found = {}
     for folder in sorted(p for p in bundles.iterdir() if (p / METADATA).is_file()):
-        found[folder.name] = json.loads((folder / METADATA).read_text())["metrics"]
+        try:
+            found[folder.name] = evaluated_metrics(folder, json.loads((folder / METADATA).read_text()))
+        except ValueError as exc:
+            raise StageError(str(exc)) from None
     if not found:
         raise StageError(f"--bundles {bundles}: no exported bundle (run the export stage)")
     if wanted == "best":

@@ -60,5 +60,6 @@ def test_a_bundle_without_val_and_test_metrics_is_refused_in_one_line(tmp_path, 
     result = subprocess.run([sys.executable, "-m", "tools.release", "--bundle", str(repo / "build/serving"),
                              "--out", str(repo / "model")], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "has no separate val and test metrics" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert f"{metadata_path}: metrics lack val, test, beats_baseline, baseline_margin" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     assert not (repo / "model").exists()

@@ -14,6 +14,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from imgpipe.cli import StageError
 from serve import predict_folder
 from serve.bundle import Bundle
 from stages import serve as serve_stage
@@ -91,8 +92,6 @@ def test_serve_model_can_be_named_and_a_missing_one_is_an_error(tmp_path, export
     assert [output.name for output in config.output] == ["probabilities", "features"]
     only_one = tmp_path / "only"
     shutil.copytree(exported / "resnet50v2", only_one / "resnet50v2")
-    from imgpipe.cli import StageError
-
     with pytest.raises(StageError, match="no bundle 'autokeras'"):
         run_serve(tmp_path, only_one, records[3], "--model", "autokeras")
 
@@ -118,6 +117,14 @@ def test_best_never_picks_a_model_below_the_baseline_and_none_is_a_one_line_fail
     assert "no model beats the weighted random guess" in line and "autokeras 0.200" in line
     assert "reports/train_*/metrics.json" in line
     assert not (tmp_path / "out").exists()
+
+    # A bundle exported before the val/test split: one line naming its file, not a KeyError.
+    stale = hopeless / "autokeras" / "metadata.json"
+    metadata = json.loads(stale.read_text())
+    metadata["metrics"] = {"accuracy": 0.9, "macro_f1": 0.9}
+    stale.write_text(json.dumps(metadata))
+    with pytest.raises(StageError, match=f"{stale}: metrics lack val, test"):
+        run_serve(tmp_path / "three", hopeless, records[3])
 
 
 def test_release_copies_the_bundle_and_dvc_adds_it(tmp_path, bundles, monkeypatch):

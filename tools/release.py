@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from imgpipe.bundle import METADATA, missing_files
+from imgpipe.bundle import METADATA, evaluated_metrics, missing_files
 from imgpipe.cli import StageError, entry_parser, run
 from imgpipe.files import write_folder_atomic
 
@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None) -> None:
         raise StageError(f"--bundle {args.bundle}: not a serving bundle (missing {', '.join(missing)}); "
                          "run `dvc repro` first")
     metadata = json.loads((args.bundle / METADATA).read_text())
-    metrics = metadata.get("metrics", {})
-    if not {"val", "test", "beats_baseline"} <= set(metrics):
-        raise StageError(f"--bundle {args.bundle}: {METADATA} has no separate val and test metrics (an older "
-                         "export); run `dvc repro` first")
+    try:
+        metrics = evaluated_metrics(args.bundle, metadata)
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
     write_folder_atomic(args.out, {path.name: path.read_bytes() for path in sorted(args.bundle.iterdir())
                               if path.is_file()})
     added = subprocess.run([sys.executable, "-m", "dvc", "add", "--quiet", str(args.out)], capture_output=True,

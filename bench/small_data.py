@@ -252,6 +252,7 @@ def main() -> None:
     section = results.setdefault(key, {"images": str(images), "configs": {}})
     if not args.demo:
         section["digits"] = args.digits
+    section["epochs"] = epochs
     section["pack"] = json.loads((work / "pack.json").read_text()).get("images")
     for name in args.only:
         config = {**CONFIGS[name], "epochs": epochs, **({} if name != "before" else BEFORE_NEW_KEYS)}

@@ -362,34 +362,52 @@ def serve_block(serve: dict) -> str:
     return intro + "\n\n" + markdown_table(["", "images/s", "p50", "p99"], body) + "\n\n" + text
 
 
-def small_data_block(small: dict) -> str:
-    """Before and after on the small set, with where the figures come from (a run of its own)."""
-    run = small.get("run") or {}
-    pack = small.get("pack") or {}
-    digits = f", {' and '.join(small['digits'])}" if small.get("digits") else ""
-    body = []
-    rows = small["configs"].values()
+def small_data_table(section: dict) -> str:
+    """One set's before and after: the parameters that differ, val and test, the verdict, time."""
+    rows = section["configs"].values()
     differing = [key for key in next(iter(rows))["params"] if len({str(row["params"].get(key)) for row in rows}) > 1]
-    for name, row in small["configs"].items():
+    body = []
+    for name, row in section["configs"].items():
         changed = ", ".join(f"`{key}` {row['params'].get(key)}" for key in differing)
         val, test = row["val"], row["test"]
         body.append([f"{name} ({changed})", f"{val['accuracy']:.3f} / {val['macro_f1']:.3f}",
                      f"{test['accuracy']:.3f} / {test['macro_f1']:.3f}", f"{val['baseline_macro_f1']:.3f}",
                      "yes" if row["beats_baseline"] else "**no**", f"{row['best_epoch']} of {row['epochs_run']}",
                      f"{max(row['val_loss']):.2f}", f"{row['seconds']:.0f} s"])
-    if run:
-        dirty = " with uncommitted changes" if run.get("dirty") else ""
-        origin = (f"`{run['id']}`, commit `{(run.get('commit') or 'unknown')[:12]}`{dirty}, started "
-                  f"{run.get('started')}, {run.get('machine', {}).get('cpus', '?')} CPUs")
-    else:
-        origin = "a run from before its results recorded one: no commit or start time in the file"
-    intro = (f"`python -m bench.small_data`, run on its own ({origin}; not part of a "
-             f"`make bench` run): ResNet50V2 from scratch at 224 px on {sum(pack.values()) if pack else '?'} photos "
-             f"of two handwritten digits{digits} ({listing([f'{n} {split}' for split, n in pack.items()])}), the old "
-             "defaults against the new, everything else as in `params.yaml`.")
     header = ["configuration", "val accuracy / macro-F1", "test accuracy / macro-F1", "guess macro-F1",
               "beats baseline", "best epoch", "highest val loss", "time"]
-    return intro + "\n\n" + markdown_table(header, body)
+    return markdown_table(header, body)
+
+
+def run_origin(section: dict) -> str:
+    run = section.get("run") or {}
+    if not run:
+        return "a run from before its results recorded one: no commit or start time in the file"
+    dirty = " with uncommitted changes" if run.get("dirty") else ""
+    return (f"`{run['id']}`, commit `{(run.get('commit') or 'unknown')[:12]}`{dirty}, started "
+            f"{run.get('started')}, {run.get('machine', {}).get('cpus', '?')} CPUs")
+
+
+def split_sizes(section: dict) -> str:
+    pack = section.get("pack") or {}
+    return f"{sum(pack.values()) if pack else '?'} images ({listing([f'{n} {split}' for split, n in pack.items()])})"
+
+
+def small_data_block(results: dict) -> str:
+    """Before and after on the small set and, when measured, on the demo digits, each with the
+    run its figures come from (runs of their own, not part of `make bench`)."""
+    small = results["small"]
+    digits = f", {' and '.join(small['digits'])}" if small.get("digits") else ""
+    text = (f"`python -m bench.small_data`, run on its own ({run_origin(small)}; not part of a "
+            f"`make bench` run): ResNet50V2 from scratch at 224 px on {split_sizes(small)}, photos of two handwritten "
+            f"digits{digits}, the old defaults against the new, everything else as in `params.yaml`.\n\n"
+            + small_data_table(small))
+    if "demo" in results:
+        demo = results["demo"]
+        text += (f"\n\n`python -m bench.small_data --demo`, run on its own ({run_origin(demo)}): the demo digits, "
+                 f"{split_sizes(demo)} in 10 classes, at 64 px without flips, {demo.get('epochs', '?')} epochs, the "
+                 "old defaults against the new.\n\n" + small_data_table(demo))
+    return text
 
 
 def render(results: Path = RESULTS) -> dict[str, str]:
@@ -401,7 +419,7 @@ def render(results: Path = RESULTS) -> dict[str, str]:
             "pack-read": pack_read_block(loaded["input_pipeline"]),
             "train": train_block(loaded["train"]),
             "serve": serve_block(loaded["serve"]),
-            **({"small-data": small_data_block(json.loads((results / SMALL_DATA).read_text())["small"])}
+            **({"small-data": small_data_block(json.loads((results / SMALL_DATA).read_text()))}
                if (results / SMALL_DATA).is_file() else {})}
 
 

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from imgpipe.training.evaluation import chance_warning
+
 DOWNLOAD = Path("reports/download/metrics.json")
 PACK = Path("reports/pack/metrics.json")
 TRAINERS = {"resnet50v2": Path("reports/train_resnet"), "autokeras": Path("reports/train_automl")}
@@ -34,19 +36,12 @@ def pack_summary(path: Path = PACK) -> str:
             f"in build/tfrecords/, {report['skipped']} skipped")
 
 
-def chance_warning(val_f1: float, guess: float, margin: float | None) -> str:
-    """The loud line for a model whose val macro-F1 is not clearly above the weighted random guess."""
-    by = f"at least {margin:.2f}" if margin is not None else "clearly"
-    return (f"  NO BETTER THAN CHANCE: val macro-F1 {val_f1:.3f} is not {by} above the weighted random guess's "
-            f"{guess:.3f}; `serve.model: best` will not serve this model")
-
-
 def chance_lines(report: dict) -> list[str]:
     """The warning, for a trainer's or export's metrics whose model fails the baseline guard."""
     if report["beats_baseline"]:
         return []
-    val_f1, guess = report["macro_f1"]["val"], report["baseline_macro_f1"]["val"]
-    return [chance_warning(val_f1, guess, report.get("baseline_margin"))]
+    return ["  " + chance_warning(report["macro_f1"]["val"], report["baseline_macro_f1"]["val"],
+                                  report["baseline_margin"])]
 
 
 def train_summary(model: str, folder: Path) -> str:

@@ -79,10 +79,14 @@ class Scores:
 
     def warning(self) -> str | None:
         """The loud line for a model no better than chance, else None."""
-        if self.beats_baseline:
-            return None
-        return (f"NO BETTER THAN CHANCE: val macro-F1 {self.val.macro_f1:.3f} is not {BASELINE_MARGIN} above the "
-                f"weighted random guess ({self.val.baseline_macro_f1:.3f}); this model will not be served")
+        return None if self.beats_baseline else chance_warning(self.val.macro_f1, self.val.baseline_macro_f1)
+
+
+def chance_warning(val_macro_f1: float, guess_macro_f1: float, margin: float = BASELINE_MARGIN) -> str:
+    """The loud line for a model whose val macro-F1 is not ``margin`` above the weighted random
+    guess's: the trainers print it from their scores, the demo's summary from their metrics.json."""
+    return (f"NO BETTER THAN CHANCE: val macro-F1 {val_macro_f1:.3f} is not at least {margin:.2f} above the "
+            f"weighted random guess's {guess_macro_f1:.3f}; `serve.model: best` will not serve this model")
 
 
 def class_probabilities(outputs: np.ndarray) -> np.ndarray:

@@ -25,7 +25,6 @@ from imgpipe import params as params_module
 from imgpipe.cli import entry_parser
 from imgpipe.files import write_csv_atomic, write_text_atomic
 from imgpipe.training.evaluation import (
-    DIGITS,
     Scores,
     confusion_rows,
     evaluate,
@@ -151,9 +150,8 @@ def publish(model, model_name: str, out: Path, reports: Path, labels: list[str],
                   pictures / "mistakes.png")
 
     for split, evaluation in (("val", scores.val), ("test", scores.test)):
-        tracker.set(f"metrics/{split}/accuracy", round(evaluation.accuracy, DIGITS))
-        tracker.set(f"metrics/{split}/macro_f1", round(evaluation.macro_f1, DIGITS))
-        tracker.set(f"metrics/{split}/baseline_macro_f1", round(evaluation.baseline_macro_f1, DIGITS))
+        for key, value in evaluation.headline().items():  # the DVC metrics' numbers, rounded alike
+            tracker.set(f"metrics/{split}/{key}", value)
     tracker.set("metrics/beats_baseline", scores.beats_baseline)
     for key, value in extra.items():
         if isinstance(value, int | float) and not isinstance(value, bool):

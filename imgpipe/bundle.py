@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgpipe.errors import StageError
+
 # The exported graph, and its static INT8 variant (``export.quantize: true``): ~2-3x faster on CPUs
 # with integer dot-product instructions, at the accuracy change the export stage reports.
 MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
@@ -55,12 +57,12 @@ METRICS_KEYS = ("val", "test", "beats_baseline", "baseline_margin")
 
 def evaluated_metrics(folder: Path, metadata: dict) -> dict:
     """``metadata["metrics"]`` of the bundle in ``folder``, in this version's layout (val and test
-    apart, with the baseline verdict); a bundle from an older export is a ValueError naming its
+    apart, with the baseline verdict); a bundle from an older export is a StageError naming its
     file and the fix, so no caller reads a missing key."""
     metrics = metadata.get("metrics") or {}
     missing = [key for key in METRICS_KEYS if key not in metrics]
     if missing:
-        raise ValueError(f"{folder / METADATA}: metrics lack {', '.join(missing)} (an export older than the "
+        raise StageError(f"{folder / METADATA}: metrics lack {', '.join(missing)} (an export older than the "
                          "val/test split); re-export with `dvc repro`")
     return metrics
 

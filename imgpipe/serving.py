@@ -37,10 +37,7 @@ def choose(bundles: Path, wanted: str) -> Path:
     named explicitly is served even below the baseline: someone asked for it by name."""
     found = {}
     for folder in sorted(p for p in bundles.iterdir() if (p / METADATA).is_file()):
-        try:
-            found[folder.name] = evaluated_metrics(folder, json.loads((folder / METADATA).read_text()))
-        except ValueError as exc:
-            raise StageError(str(exc)) from None
+        found[folder.name] = evaluated_metrics(folder, json.loads((folder / METADATA).read_text()))
     if not found:
         raise StageError(f"--bundles {bundles}: no exported bundle (run the export stage)")
     if wanted == "best":

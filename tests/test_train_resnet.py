@@ -105,17 +105,17 @@ def test_two_classes_train_a_sigmoid_head_for_at_least_min_steps(tmp_path, monke
     assert f"{images} training images: each epoch is 3 passes, {3 * steps} steps in all" in caplog.text
 
 
-@pytest.mark.parametrize(("images", "batch", "epochs", "min_steps", "passes"), [
-    (141, 16, 10, 250, 3),     # the small-data benchmark: 9 steps a pass, 270 steps in all
-    (1261, 16, 16, 250, 1),    # the demo: 79 steps a pass is already plenty
-    (141, 16, 10, 0, 1),       # 0 turns it off
-    (141, 16, 10, 90, 1),      # exactly enough with one pass
-    (141, 16, 10, 91, 2),
+@pytest.mark.parametrize(("steps_per_pass", "epochs", "min_steps", "passes"), [
+    (9, 10, 250, 3),     # the small-data benchmark: 141 images at batch 16, 270 steps in all
+    (79, 16, 250, 1),    # the demo: 1,261 images at batch 16 are already plenty
+    (9, 10, 0, 1),       # 0 turns it off
+    (9, 10, 90, 1),      # exactly enough with one pass
+    (9, 10, 91, 2),
 ])
-def test_passes_per_epoch_reach_min_steps(images, batch, epochs, min_steps, passes):
+def test_passes_per_epoch_reach_min_steps(steps_per_pass, epochs, min_steps, passes):
     from imgpipe.training.resnet import passes_per_epoch
 
-    assert passes_per_epoch(images, batch, epochs, min_steps) == passes
+    assert passes_per_epoch(steps_per_pass, epochs, min_steps) == passes
 
 
 def test_bad_records_and_a_head_that_cannot_fit_are_clear_errors(tmp_path, records):

@@ -18,6 +18,7 @@ from pathlib import Path
 from imgpipe.bundle import METADATA, evaluated_metrics, missing_files
 from imgpipe.cli import StageError, entry_parser, run
 from imgpipe.files import write_folder_atomic
+from imgpipe.training.evaluation import chance_warning
 
 NAME = "release"
 
@@ -46,10 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         raise StageError(f"--bundle {args.bundle}: not a serving bundle (missing {', '.join(missing)}); "
                          "run `dvc repro` first")
     metadata = json.loads((args.bundle / METADATA).read_text())
-    try:
-        metrics = evaluated_metrics(args.bundle, metadata)
-    except ValueError as exc:
-        raise StageError(str(exc)) from None
+    metrics = evaluated_metrics(args.bundle, metadata)
     write_folder_atomic(args.out, {path.name: path.read_bytes() for path in sorted(args.bundle.iterdir())
                               if path.is_file()})
     added = subprocess.run([sys.executable, "-m", "dvc", "add", "--quiet", str(args.out)], capture_output=True,
@@ -60,9 +58,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{metrics['val']['accuracy']:.3f}, test {metrics['test']['accuracy']:.3f}) is in {args.out}/, tracked by "
           f"{args.out}.dvc; share it with `git add {args.out}.dvc && git commit` and `dvc push`")
     if not metrics["beats_baseline"]:
-        print(f"  WARNING, NO BETTER THAN CHANCE: val macro-F1 {metrics['val']['macro_f1']:.3f} is not "
-              f"{metrics['baseline_margin']:.2f} above the weighted random guess "
-              f"{metrics['val']['baseline_macro_f1']:.3f}; released anyway, as the serve stage chose it")
+        val = metrics["val"]
+        print("  WARNING, " + chance_warning(val["macro_f1"], val["baseline_macro_f1"], metrics["baseline_margin"],
+                                             then="released anyway, as the serve stage chose it"))
     print(f"  start the service:  python -m serve --bundle {args.out}")
     print(f"  try it:             curl -F image=@{example_image()} http://127.0.0.1:8000/predict")
 

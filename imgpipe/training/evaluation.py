@@ -82,11 +82,13 @@ class Scores:
         return None if self.beats_baseline else chance_warning(self.val.macro_f1, self.val.baseline_macro_f1)
 
 
-def chance_warning(val_macro_f1: float, guess_macro_f1: float, margin: float = BASELINE_MARGIN) -> str:
+def chance_warning(val_macro_f1: float, guess_macro_f1: float, margin: float = BASELINE_MARGIN,
+                   then: str = "`serve.model: best` will not serve this model") -> str:
     """The loud line for a model whose val macro-F1 is not ``margin`` above the weighted random
-    guess's: the trainers print it from their scores, the demo's summary from their metrics.json."""
+    guess's, ending with what follows from it: the trainers print it from their scores, the demo's
+    summary and the release from the metrics files."""
     return (f"NO BETTER THAN CHANCE: val macro-F1 {val_macro_f1:.3f} is not at least {margin:.2f} above the "
-            f"weighted random guess's {guess_macro_f1:.3f}; `serve.model: best` will not serve this model")
+            f"weighted random guess's {guess_macro_f1:.3f}; {then}")
 
 
 def class_probabilities(outputs: np.ndarray) -> np.ndarray:

@@ -62,11 +62,10 @@ def learning_rate(p: ResnetParams, steps: int, warmup_steps: int):  # type: igno
                                  warmup_target=p.learning_rate, warmup_steps=warmup_steps)
 
 
-def passes_per_epoch(images: int, batch_size: int, epochs: int, min_steps: int) -> int:
+def passes_per_epoch(steps_per_pass: int, epochs: int, min_steps: int) -> int:
     """Passes over the training split in one epoch: one, or as many as it takes for ``epochs``
     epochs to make at least ``min_steps`` optimizer steps (``train.resnet.min_steps``)."""
-    steps = -(-images // batch_size)
-    return max(1, -(-min_steps // (steps * epochs)))
+    return max(1, -(-min_steps // (steps_per_pass * epochs)))
 
 
 def optimizer_for(p: ResnetParams, steps: int, warmup_steps: int = 0):  # type: ignore[no-untyped-def]
@@ -158,8 +157,9 @@ def train(params: Params, records: Path, out: Path, reports: Path, params_files:
         raise StageError(f"--records {records}: {exc}") from None
     head = params_head(common.head, len(labels), params_files)
     to_targets = targets_for(head, len(labels))
-    passes = passes_per_epoch(sum(counts), p.batch_size, p.epochs, p.min_steps)
-    steps_per_epoch = passes * -(-sum(counts) // p.batch_size)
+    steps_per_pass = -(-sum(counts) // p.batch_size)
+    passes = passes_per_epoch(steps_per_pass, p.epochs, p.min_steps)
+    steps_per_epoch = passes * steps_per_pass
     if passes > 1:  # each pass reshuffles and draws fresh augmentation, from the same seed
         train_data = train_data.repeat(passes)
         log.info("%s: %d training images: each epoch is %d passes, %d steps in all (train.resnet.min_steps %d)",

@@ -103,3 +103,16 @@ def test_splits_that_leave_no_training_images_are_one_line_errors(tmp_path):
     path.write_text("pack:\n  test_fraction: 0\n")
     with pytest.raises(ParamsError, match=r"pack\.test_fraction: input should be greater than 0"):
         load([path])
+
+
+def test_a_negative_min_steps_flag_is_a_one_line_params_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  resnet:\n    epochs: 2\n")
+    parser = argparse.ArgumentParser()
+    params_module.add_section_flags(parser, "train.resnet")
+    off = params_module.load_for(parser.parse_args(["--params", str(path), "--min-steps", "0"]))
+    assert off.train.resnet.min_steps == 0 and off.train.resnet.epochs == 2
+    with pytest.raises(ParamsError) as raised:
+        params_module.load_for(parser.parse_args(["--params", str(path), "--min-steps", "-1"]))
+    assert str(raised.value) == (f"{path}: train.resnet.min_steps: input should be greater than or equal to 0 "
+                                 "(got -1)")

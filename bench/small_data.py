@@ -15,11 +15,14 @@ What: nothing can be downloaded, so the set is built from real handwritten digit
 scikit-learn (``load_digits``): two classes (0 and 1 by default, ``--digits``), 120 and 80 images
 (the user's 60/40 imbalance), each written as a photo would be: 300-1200 px sides, varied aspect
 ratios, tinted paper with an uneven light, the digit at a random place, size and tilt, blur,
-sensor noise, JPEG. The files are byte-identical for a fixed seed. Then the real stages run through
-their command lines with the repository's ``params.yaml`` (224 px; not ``data/params.yaml``, the
-demo's overlay): ``stages.pack`` once, ``stages.train_resnet`` once per configuration, "before"
-(the old defaults written out) and "after" (the new ones). Everything is written under ``--work``
-(default /tmp/smallset); the summary goes to ``bench/results/small_data.json``.
+sensor noise, JPEG, into class folders (``photos/<digit>/<digit>_NNN.jpg``) as a user's photos
+would be. The files are byte-identical for a fixed seed. Then the real stages run through their
+command lines with the repository's ``params.yaml`` (224 px; not ``data/params.yaml``, the demo's
+overlay), as a user runs them: ``stages.download`` on the class folders once (validated images in
+tar shards, ``images/``), ``stages.pack`` on those once, ``stages.train_resnet`` once per
+configuration, "before" (the old defaults written out) and "after" (the new ones). ``--demo``
+packs ``build/images``, the demo's download output (``make demo``). Everything is written under
+``--work`` (default /tmp/smallset); the summary goes to ``bench/results/small_data.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +43,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from bench import provenance
+from imgpipe.errors import StageError
+from imgpipe.shards import list_shards
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "small_data.json"
@@ -109,8 +115,9 @@ def jpeg(image: Image.Image, rng: np.random.Generator) -> bytes:
 
 
 def write_set(out: Path, seed: int = SEED, classes: dict[str, int] = CLASSES) -> int:
-    """Write ``out/<label>/<label>_NNN.jpg``; the bytes depend only on ``seed`` (and the pinned
-    NumPy, Pillow and scikit-learn). Returns the number of images."""
+    """Write ``out/<label>/<label>_NNN.jpg``, class folders as a user brings them (the download
+    stage's input, not pack's); the bytes depend only on ``seed`` (and the pinned NumPy, Pillow
+    and scikit-learn). Returns the number of images."""
     rng = np.random.default_rng(seed)
     total = 0
     for label, count in classes.items():
@@ -134,6 +141,33 @@ def run_stage(args: list[str], log: Path) -> None:
     if done.returncode:
         sys.stderr.write(log.read_text()[-4000:])
         raise SystemExit(f"{args[0]} failed (exit code {done.returncode}); log: {log}")
+
+
+def shard_problem(images: Path) -> str | None:
+    """Why ``images`` is not a complete download output (a folder of tar shards), or None."""
+    try:
+        list_shards(images)
+    except StageError as exc:
+        return str(exc)
+    return None
+
+
+def download_set(photos: Path, images: Path, work: Path, params: list[Path]) -> dict[str, Any]:
+    """Run the download stage on the class folders ``photos`` into the shard folder ``images``
+    (kept when it is already a complete one); returns the stage's report."""
+    report = work / "download" / "metrics.json"
+    if shard_problem(images) is None and report.exists():
+        return json.loads(report.read_text())
+    if images.exists() and all(entry.is_dir() for entry in images.iterdir()):
+        # Class folders that an older version of this script wrote here (pack now takes shards
+        # only, and the download stage will not write over them): made again from ``photos``.
+        print(f"small_data: replacing {images} (class folders of an older run) with the download stage's shards",
+              flush=True)
+        shutil.rmtree(images)
+    run_stage(["stages.download", "--params", *map(str, params), "--manifest", str(photos), "--out", str(images),
+               "--report", str(report), "--cache-dir", str(work / "download" / "cache"),
+               "--log", str(work / "download" / "timings.log")], work / "download.log")
+    return json.loads(report.read_text())
 
 
 def supported_keys() -> set[str]:
@@ -219,8 +253,10 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(CONFIGS), nargs="+", default=sorted(CONFIGS, reverse=True))
     parser.add_argument("--epochs", type=int, default=10, help="train.resnet.epochs (default: %(default)s)")
     parser.add_argument("--demo", action="store_true",
-                        help="the demo digits (build/images, 10 classes) at 64 px, no flips, 8 epochs")
-    parser.add_argument("--data-only", action="store_true", help="write the images and stop")
+                        help="the demo digits (build/images from `make demo`, 10 classes) at 64 px, no flips, 8 epochs")
+    parser.add_argument("--data-only", action="store_true",
+                        help="write the photos, run the download stage on them (to tar shards) and stop; "
+                             "with --demo, check build/images and stop")
     parser.add_argument("--reuse", action="store_true",
                         help="summarise a configuration's earlier reports under --work instead of training again")
     parser.add_argument("--results", type=Path, default=RESULTS, help="summary JSON (default: %(default)s)")
@@ -231,14 +267,24 @@ def main() -> None:
     params = [ROOT / "params.yaml"]
     if args.demo:
         images, epochs = DEMO_IMAGES, 8
+        if problem := shard_problem(images):
+            raise SystemExit(f"small_data: {problem}; `make demo` writes the demo's download output there")
         overlay = work / "demo-params.yaml"  # what data/params.yaml sets for the digits' pixels
         overlay.write_text("pack:\n  image_size: 64\naugment:\n  flip: false\n")
         params.append(overlay)
     else:
-        images, epochs = work / "images", args.epochs
-        if not images.exists():
+        photos, images, epochs = work / "photos", work / "images", args.epochs
+        if not photos.exists():
             classes = dict(zip(args.digits, CLASSES.values(), strict=True))
-            print(f"small_data: {write_set(images, args.seed, classes)} images in {images}", flush=True)
+            staging = work / "photos.partial"  # renamed when whole: a killed run never leaves half a set
+            shutil.rmtree(staging, ignore_errors=True)
+            count = write_set(staging, args.seed, classes)
+            staging.rename(photos)
+            print(f"small_data: {count} photos in {photos}", flush=True)
+        report = download_set(photos, images, work, params)
+        print(f"small_data: download stage kept {report['kept']} of {report['total']} "
+              f"({', '.join(f'{label}: {n}' for label, n in sorted(report['kept_per_class'].items()))}) "
+              f"in {images}", flush=True)
     if args.data_only:
         return
     records = work / "records"

@@ -11,7 +11,6 @@ import contextlib
 import csv
 import errno
 import hashlib
-import io
 import os
 import shutil
 import tempfile
@@ -75,12 +74,21 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_csv_atomic(path: Path, header: list[str], rows: Iterable[Iterable[object]]) -> None:
-    """A CSV report (header, then rows as given; "\n" line ends on every platform), atomically."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
+    """A CSV report (header, then rows as given; "\n" line ends on every platform), atomically.
+    Rows are streamed to a temporary file beside ``path``, never held in memory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows(rows)
+        os.chmod(tmp, 0o644)  # mkstemp made it private
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 @contextlib.contextmanager

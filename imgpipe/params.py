@@ -40,8 +40,10 @@ class Section(BaseModel):
 
 
 class DownloadParams(Section):
-    workers: PositiveInt = 32
-    processes: NonNegativeInt = 0  # 0: one per CPU core; the workers are shared out among them
+    fetches_per_core: PositiveInt = 16  # one task per core (a process, or a Ray CPU), each with this many downloads
+    processes: NonNegativeInt = 0  # on this machine (not on a Ray cluster): 0 = one per CPU core
+    rows_per_task: PositiveInt = 256
+    shard_size: PositiveInt = 1000  # images per output shard, at most on average (imgpipe.shards)
     connect_timeout: PositiveFloat = 5.0
     read_timeout: PositiveFloat = 10.0
     deadline: PositiveFloat = 60.0

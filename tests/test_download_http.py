@@ -13,10 +13,11 @@ import pytest
 from stages import download
 from tests import http_server as hs
 from tests import images
+from tests.shard_files import folder_bytes, kept_images
 
 PARAMS = """\
 download:
-  workers: 8
+  fetches_per_core: 8
   connect_timeout: 2.0
   read_timeout: 1.0
   deadline: 2.5
@@ -147,8 +148,7 @@ def rejected_reasons(tmp_path: Path, out: str, server: hs.Server) -> dict[str, s
         return {row["url"].removeprefix(server.base): row["reason"] for row in csv.DictReader(handle)}
 
 
-def tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+tree = folder_bytes
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -169,8 +169,8 @@ def test_every_failure_is_dropped_with_its_reason_and_every_image_kept(tmp_path,
         for path, data in EXPECTED_KEPT.items()
         if path != "/hop3"
     } | {f"cat/{hashlib.sha256(REDIRECTED).hexdigest()}.jpg"}
-    assert set(tree(tmp_path / "out" / "images")) == expected_files
-    for name, data in tree(tmp_path / "out" / "images").items():
+    assert set(kept_images(tmp_path / "out" / "images")) == expected_files
+    for name, data in kept_images(tmp_path / "out" / "images").items():
         assert hashlib.sha256(data).hexdigest() == Path(name).stem
 
     assert rejected_reasons(tmp_path, "out", server) == EXPECTED_DROPS
@@ -221,11 +221,11 @@ def test_output_does_not_depend_on_manifest_order_of_unrelated_rows(tmp_path, se
     assert tree(tmp_path / "forward") == tree(tmp_path / "backward")
 
 
-@pytest.mark.parametrize(("workers", "processes"), [(3, 1), (4, 2)])
-def test_never_more_downloads_at_once_than_workers(tmp_path, server, workers, processes):
+@pytest.mark.parametrize(("fetches", "processes"), [(3, 1), (2, 2)])
+def test_never_more_downloads_at_once_than_fetches_per_core_times_cores(tmp_path, server, fetches, processes):
     paths = [f"/slow-{i}.png" for i in range(16)]
     server.routes.update({path: hs.slow(images.rgb_png(100 + i), 0.15) for i, path in enumerate(paths)})
     report = run_stage(tmp_path, write_manifest(tmp_path, server, paths), "out", "cache", processes,
-                       "--workers", str(workers))
+                       "--fetches-per-core", str(fetches), "--rows-per-task", "4")
     assert report["kept"] == len(paths)
-    assert server.peak_active == workers
+    assert server.peak_active == fetches * processes

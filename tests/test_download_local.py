@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 from imgpipe.cli import StageError
 from stages import download
 from tests import images
+from tests.shard_files import folder_bytes, kept_images
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = "download:\n  min_side: 16\n  min_images_per_class: 1\n"
@@ -47,7 +49,7 @@ def report() -> dict:
 
 
 def files(folder: str) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file()}
+    return set(kept_images(folder))
 
 
 def test_manifest_paths_file_urls_and_class_folders(workdir):
@@ -89,7 +91,7 @@ def test_rerun_with_fewer_rows_removes_stale_files(workdir):
     Path("m.csv").write_text("url,label\nimgs/b.png,y\n")
     download.main(["--manifest", "m.csv", "--out", "out"])
     assert files("out") == {f"y/{digest(b)}.png"}
-    assert sorted(p.name for p in Path("out").iterdir()) == ["y"]
+    assert sorted(p.name for p in Path("out").iterdir()) == ["images-00000-of-00001.tar"]
 
 
 def test_refuses_an_output_folder_holding_foreign_files(workdir):
@@ -99,6 +101,12 @@ def test_refuses_an_output_folder_holding_foreign_files(workdir):
     with pytest.raises(StageError, match="notes.txt"):
         download.main(["--manifest", "m.csv", "--out", "out"])
     assert Path("out/notes.txt").read_bytes() == b"mine"
+    # The loose-file layout of earlier versions is not this stage's either: nothing is deleted.
+    Path("out/notes.txt").unlink()
+    put(f"out/x/{'0' * 64}.png", b"old")
+    with pytest.raises(StageError, match="holds x,"):
+        download.main(["--manifest", "m.csv", "--out", "out"])
+    assert Path(f"out/x/{'0' * 64}.png").exists()
 
 
 @pytest.mark.parametrize(
@@ -134,14 +142,15 @@ def test_class_below_minimum_fails_after_writing_the_report(workdir):
     assert report()["kept_per_class"] == {"a": 3, "b": 1}
     ok = cli("--manifest", "m.csv", "--out", "out", "--min-images-per-class", "1", cwd=workdir)
     assert ok.returncode == 0, ok.stderr
-    assert "4 rows -> 4 images in 2 classes, 0 dropped" in ok.stdout
+    assert "4 rows -> 4 images in 2 classes (1 shard), 0 dropped" in ok.stdout
 
 
 @pytest.mark.parametrize(
     ("params", "expected"),
     [
-        ("download:\n  workers: many\n", "params.yaml: download.workers: input should be a valid integer (got 'many')"),
-        ("download:\n  wokers: 4\n", "params.yaml: download.wokers: unknown key"),
+        ("download:\n  fetches_per_core: many\n",
+         "params.yaml: download.fetches_per_core: input should be a valid integer (got 'many')"),
+        ("download:\n  workers: 4\n", "params.yaml: download.workers: unknown key"),
         ("downlaod: {}\n", "params.yaml: downlaod: unknown key"),
         ("download:\n  formats: [JPG]\n", "params.yaml: download.formats.0: input should be"),
         ("download:\n  min_side: 0\n", "download.min_side: input should be greater than 0 (got 0)"),
@@ -169,3 +178,31 @@ def test_flags_override_params_yaml(workdir):
     download.main(["--manifest", "m.csv", "--out", "out", "--min-side", "32"])
     assert report()["kept"] == 1
     assert report()["dropped_by_reason"]["too_small"] == 1
+
+
+def test_rejected_rows_follow_the_manifest_and_output_ignores_how_rows_were_cut(workdir):
+    """Drops found while fetching and duplicates found per hash bucket are merged back into
+    manifest order; the shards and reports are the same bytes however many rows a task holds
+    and however many processes ran them."""
+    pictures = [put(f"imgs/{i}.png", images.rgb_png(i)) for i in range(12)]
+    order = [0, 1, 0, 2, "missing", 3, 1, 4, 5, 6, "s3", 5, 7, 8, 9, 10, 11, 2, 9]
+    lines = ["url,label"]
+    for entry in order:
+        lines.append({"missing": "imgs/missing.png,a", "s3": "s3://bucket/x.png,a"}.get(entry, f"imgs/{entry}.png,a"))
+    Path("m.csv").write_text("\n".join(lines) + "\n")
+    outputs = {}
+    for rows_per_task, processes in [(256, 1), (1, 2), (3, 2)]:
+        out = f"out-{rows_per_task}-{processes}"
+        download.main(["--manifest", "m.csv", "--out", out, "--report", f"{out}-report/metrics.json",
+                       "--rows-per-task", str(rows_per_task), "--processes", str(processes)])
+        outputs[out] = folder_bytes(out) | {f"report/{k}": v for k, v in folder_bytes(f"{out}-report").items()}
+    first, *others = outputs.values()
+    assert all(other == first for other in others)
+    with Path("out-1-2-report/rejected.csv").open() as handle:
+        rejected = [(row["url"], row["reason"]) for row in csv.DictReader(handle)]
+    assert [url for url, _ in rejected] == [
+        "imgs/0.png", "imgs/missing.png", "imgs/1.png", "s3://bucket/x.png", "imgs/5.png", "imgs/2.png", "imgs/9.png"]
+    assert [reason for _, reason in rejected] == [
+        "duplicate", "not_found", "duplicate", "unsupported_scheme", "duplicate", "duplicate", "duplicate"]
+    assert json.loads(Path("out-1-2-report/metrics.json").read_text())["total"] == len(order)
+    assert set(kept_images("out-1-2")) == {f"a/{digest(p)}.png" for p in pictures}

@@ -33,9 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def example_image() -> str:
     """An image of the data set for the printed curl line."""
-    for folder in (Path("build/images"), Path("data")):
-        for path in sorted(folder.rglob("*.png")) if folder.is_dir() else []:
-            return str(path)
+    folder = Path("data")
+    for path in sorted(folder.rglob("*.png")) if folder.is_dir() else []:
+        return str(path)
     return "your-image.jpg"
 
 

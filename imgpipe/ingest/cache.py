@@ -1,8 +1,11 @@
-"""The download cache: validated bytes of remote URLs, kept across runs in ``.cache/download``."""
+"""The download cache: validated bytes of remote URLs, kept across runs in ``.cache/download``.
+
+Only the coordinating process (the one running the stage) reads and writes it: on a Ray cluster
+the workers fetch, and the bytes they keep come back here.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from imgpipe.files import Folders, sha256, write_atomic
@@ -11,8 +14,7 @@ from imgpipe.files import Folders, sha256, write_atomic
 class UrlCache:
     """Validated bytes of remote URLs, so an interrupted run does not fetch them again.
 
-    ``objects/<sha256>`` holds content (a hard link to the output file where possible, so the
-    cache costs no extra space), ``urls/<sha256 of URL>`` the content hash the URL gave.
+    ``objects/<sha256>`` holds content, ``urls/<sha256 of URL>`` the content hash the URL gave.
     Content is checked against its hash on every read, so a damaged entry is refetched.
     """
 
@@ -25,26 +27,20 @@ class UrlCache:
         key = sha256(url.encode("utf-8"))
         return self.root / "urls" / key[:2] / key
 
-    def _object(self, digest: str) -> Path:
+    def object_path(self, digest: str) -> Path:
         return self.root / "objects" / digest[:2] / digest
 
     def get(self, url: str) -> bytes | None:
         try:
             digest = self._url_entry(url).read_text(encoding="ascii").strip()
-            data = self._object(digest).read_bytes()
+            data = self.object_path(digest).read_bytes()
         except (OSError, UnicodeDecodeError):
             return None
         return data if sha256(data) == digest else None
 
-    def put(self, url: str, written: Path, digest: str) -> None:
-        """Remember that ``url`` gave the content of ``written`` (hard-linked, not copied)."""
-        obj = self._object(digest)
+    def put(self, url: str, data: bytes, digest: str) -> None:
+        """Remember that ``url`` gave ``data`` (whose sha256 is ``digest``)."""
+        obj = self.object_path(digest)
         if not obj.exists():
-            self.folders.make(obj.parent)
-            try:
-                os.link(written, obj)
-            except FileExistsError:
-                pass
-            except OSError:  # another file system, or no hard links there
-                write_atomic(obj, written.read_bytes(), self.scratch, self.folders)
+            write_atomic(obj, data, self.scratch, self.folders)
         write_atomic(self._url_entry(url), digest.encode("ascii"), self.scratch, self.folders)

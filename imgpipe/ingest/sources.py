@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 from urllib.parse import unquote, urlsplit
 
 from imgpipe.errors import StageError
@@ -56,14 +58,18 @@ def locate(url: str, base: Path) -> tuple[str | None, Path | None]:
     return None, path if path.is_absolute() else base / path
 
 
-def read_manifest(path: Path, start: int) -> list[Row]:
+def _open_manifest(path: Path) -> TextIO:
     try:
-        handle = path.open(newline="", encoding="utf-8-sig")
+        return path.open(newline="", encoding="utf-8-sig")
     except FileNotFoundError:
         raise StageError(f"manifest {path} not found") from None
     except OSError as exc:
         raise StageError(f"manifest {path} cannot be read: {exc.strerror}") from None
-    with handle:
+
+
+def read_manifest(path: Path, start: int) -> Iterator[Row]:
+    """The manifest's rows, one at a time (never the whole file in memory)."""
+    with _open_manifest(path) as handle:
         try:
             reader = csv.DictReader(handle)
             columns = [c.strip() for c in reader.fieldnames or []]
@@ -72,12 +78,10 @@ def read_manifest(path: Path, start: int) -> list[Row]:
                 found = ", ".join(columns) or "nothing"
                 raise StageError(f"manifest {path}: header lacks {' and '.join(missing)} (found: {found})")
             reader.fieldnames = columns
-            rows = []
             for offset, record in enumerate(reader):
-                rows.append(_manifest_row(record, path, start + offset, reader.line_num))
+                yield _manifest_row(record, path, start + offset, reader.line_num)
         except (csv.Error, UnicodeDecodeError) as exc:
             raise StageError(f"manifest {path}: not a readable UTF-8 CSV ({exc})") from None
-    return rows
 
 
 def _manifest_row(record: dict[str, str | None], manifest: Path, index: int, line: int) -> Row:
@@ -93,34 +97,44 @@ def _manifest_row(record: dict[str, str | None], manifest: Path, index: int, lin
     return Row(index, url, label, remote=remote, path=local)
 
 
-def read_folder(root: Path, start: int) -> list[Row]:
-    """Every file under ``root/<label>/`` (recursively), label = first folder name, sorted."""
-    rows: list[Row] = []
+def _folder_files(root: Path) -> Iterator[tuple[str, Path]]:
+    """(label, file) for every file under ``root/<label>/`` (recursively), sorted; hidden ones skipped."""
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise StageError(f"folder source {root} has no class sub-folders (expected {root}/<label>/<image>)")
     for class_dir in classes:
-        files = []
+        files = []  # one class's names at a time, sorted
         for dirpath, dirnames, filenames in os.walk(class_dir):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             files += [Path(dirpath, f) for f in filenames if not f.startswith(".")]
         for path in sorted(files):
-            url, label = path.as_posix(), class_dir.name
-            try:
-                check_label(label)
-            except Drop as drop:
-                rows.append(Row(start + len(rows), url, label, drop=drop))
-                continue
-            rows.append(Row(start + len(rows), url, label, path=path))
-    return rows
+            yield class_dir.name, path
 
 
-def read_sources(sources: list[Path]) -> list[Row]:
-    """All rows of all sources, in the order given; a missing or malformed source stops the stage."""
-    rows: list[Row] = []
+def read_folder(root: Path, start: int) -> Iterator[Row]:
+    """Every file under ``root/<label>/`` as a row, label = first folder name, in sorted order."""
+    for offset, (label, path) in enumerate(_folder_files(root)):
+        try:
+            check_label(label)
+        except Drop as drop:
+            yield Row(start + offset, path.as_posix(), label, drop=drop)
+            continue
+        yield Row(start + offset, path.as_posix(), label, path=path)
+
+
+def read_sources(sources: list[Path]) -> Iterator[Row]:
+    """All rows of all sources, in the order given, one at a time; a missing or malformed
+    source stops the stage (``count_rows`` finds that before any work starts)."""
+    start = 0
     for source in sources:
-        if source.is_dir():
-            rows += read_folder(source, len(rows))
-        else:
-            rows += read_manifest(source, len(rows))
-    return rows
+        rows = (read_folder if source.is_dir() else read_manifest)(source, start)
+        for row in rows:
+            start = row.index + 1
+            yield row
+
+
+def count_rows(sources: list[Path]) -> int:
+    """How many rows the sources hold: one quick pass that also checks every source is readable,
+    so a bad manifest stops the stage before anything is fetched, and the progress bar knows
+    its total."""
+    return sum(1 for _ in read_sources(sources))

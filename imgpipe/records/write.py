@@ -1,4 +1,4 @@
-"""Packing: class folders of images -> letterboxed, sharded TFRecords with a fixed split.
+"""Packing: the download stage's image shards -> letterboxed, sharded TFRecords with a fixed split.
 
 Each image goes to train, val or test by a hash of (seed, its content's sha256): the split never
 depends on order or on the other images, so adding images never moves an existing one, and the
@@ -9,41 +9,51 @@ chooses nothing and is evaluated once, at the end.
 
 Pixels come from ``imgpipe.images.preprocess``, the function the prediction service uses too,
 and are stored as lossless PNG. ``imgpipe.records.read`` reads the shards back.
+
+Where the work runs: letterboxing is a task on ``imgpipe.distribute`` (worker processes here,
+or Ray). This process holds every image's metadata (``StoredImage``: label, sha256, where its
+bytes lie in which shard), never all the bytes: it reads each batch's bytes from the shards in
+record order and sends them with the task (Ray's workers may be machines without the files), at
+most the distributor's tasks in flight. Results come back in order and only this process writes
+the records, with TensorFlow; workers never import it. The sha256 comes from the shard (its
+member name); each task checks it against the bytes, a hash per image beside a decode.
+
+``skipped.csv`` (``path,label,reason``) names a skipped image as ``<shard file name>/<sha256>.<ext>``,
+its member in that shard (``tar xf`` the shard to look at it).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
-import multiprocessing
-import os
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
+from imgpipe.distribute import Distributor
 from imgpipe.errors import StageError
-from imgpipe.files import replacing_folder, write_csv_atomic, write_text_atomic
+from imgpipe.files import replacing_folder, sha256, write_csv_atomic, write_text_atomic
 from imgpipe.images import preprocess
 from imgpipe.params import PackParams
+from imgpipe.shards import StoredImage, index_shard, list_shards
 
 SPLITS = ("train", "val", "test")
+# Images per task: enough that a task's own cost (milliseconds on Ray) is small beside decoding
+# them, few enough that every core gets tasks on a small data set.
+BATCH_IMAGES = 32
+# Encoded bytes per task at most, so that tasks in flight stay small for photo-sized images too.
+BATCH_BYTES = 16 * 2**20
+PRELOAD = ("imgpipe.records.write",)  # what worker processes import once: the task's module, no TensorFlow
 
 Skipped = tuple[str, str, str]  # (path, label, reason): one row of skipped.csv
-
-
-@dataclass(frozen=True)
-class Source:
-    label: str
-    path: Path
-    digest: str
+Letterboxing = tuple[int, tuple[int, int, int], str]  # (size, pad_color, resample): what every task is told
+TaskImage = tuple[str, str, bytes]  # (member path, sha256, bytes): one image as a task receives it
 
 
 @dataclass(frozen=True)
@@ -53,21 +63,23 @@ class Packed:
     original_height: int
 
 
-def list_images(root: Path) -> list[tuple[str, Path]]:
-    if not root.is_dir():
-        raise StageError(f"--images {root} is not a folder")
-    found = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
-        found += [(class_dir.name, path) for path in files]
-    if not found:
-        raise StageError(f"--images {root} holds no images (expected {root}/<label>/<image>)")
-    return found
+def member_path(image: StoredImage) -> str:
+    """How skipped.csv and errors name an image: ``<shard file name>/<sha256>.<ext>``."""
+    return f"{image.shard.name}/{image.digest}.{image.extension}"
 
 
-def hash_file(item: tuple[str, Path]) -> Source:
-    label, path = item
-    return Source(label, path, hashlib.sha256(path.read_bytes()).hexdigest())
+def index_images(folder: Path) -> list[StoredImage]:
+    """Every image of the download output ``folder`` (metadata only: the bytes stay in the
+    shards), one per (label, content), sorted by (label, sha256); two classes at least."""
+    try:
+        shards = list_shards(folder)
+    except StageError as exc:  # the folder is missing, empty, or not the download stage's (class folders)
+        raise StageError(f"--images {exc}") from None
+    found = {(image.meta.label, image.digest): image for shard in shards for image in index_shard(shard)}
+    labels = sorted({label for label, _ in found})
+    if len(labels) < 2:
+        raise StageError(f"--images {folder} has a single class ({labels[0]!r}); a classifier needs two or more")
+    return [found[key] for key in sorted(found)]
 
 
 def uniform(seed: int, digest: str) -> float:
@@ -86,20 +98,21 @@ def _distance(u: float, bounds: tuple[float, float]) -> float:
     return 0.0 if low <= u < high else min(abs(u - low), abs(u - high))
 
 
-def assign_splits(sources: list[Source], seed: int, val_fraction: float, test_fraction: float) -> dict[str, str]:
-    """digest -> split. Each image falls in the split whose share of [0, 1) holds its hash.
+def assign_splits(images: Iterable[tuple[str, str]], seed: int, val_fraction: float,
+                  test_fraction: float) -> dict[str, str]:
+    """(label, sha256) pairs -> {sha256: split}. Each image falls in the split whose share of [0, 1) holds its hash.
 
     A class of three or more images gets at least one in every split (of two: one in train and
     one in val): when hashing leaves a split empty, the image nearest that split's share crosses
     over from a split that can spare it. Only tiny classes ever need this, and an image that
     crossed returns once its class is big enough."""
     bounds = split_bounds(val_fraction, test_fraction)
-    position = {s.digest: uniform(seed, s.digest) for s in sources}
+    by_class: dict[str, set[str]] = defaultdict(set)
+    for label, digest in images:
+        by_class[label].add(digest)
+    position = {digest: uniform(seed, digest) for digests in by_class.values() for digest in digests}
     split = {digest: next(name for name, (low, high) in bounds.items() if low <= u < high)
              for digest, u in position.items()}
-    by_class: dict[str, set[str]] = defaultdict(set)
-    for s in sources:
-        by_class[s.label].add(s.digest)
     for digests in by_class.values():
         needed = SPLITS if len(digests) >= 3 else ("train", "val") if len(digests) == 2 else ()
         for name in needed:
@@ -112,11 +125,11 @@ def assign_splits(sources: list[Source], seed: int, val_fraction: float, test_fr
     return split
 
 
-def pack_one(source: Source, size: int, pad_color: tuple[int, int, int], resample: str) -> Packed | str:
+def pack_one(data: bytes, size: int, pad_color: tuple[int, int, int], resample: str) -> Packed | str:
     """Preprocess and PNG-encode one image; a string says why it was skipped."""
     try:
-        pixels, geometry = preprocess(source.path.read_bytes(), size, pad_color, resample)
-    except Exception as exc:  # any unreadable file is skipped with its reason, never a crash
+        pixels, geometry = preprocess(data, size, pad_color, resample)
+    except Exception as exc:  # any unreadable image is skipped with its reason, never a crash
         # Pillow names the in-memory file by its address ("<_io.BytesIO object at 0x7f...>"): cut it,
         # so skipped.csv holds the same bytes on every run.
         reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", f"{type(exc).__name__}: {exc}")
@@ -126,7 +139,34 @@ def pack_one(source: Source, size: int, pad_color: tuple[int, int, int], resampl
     return Packed(buffer.getvalue(), geometry.original_width, geometry.original_height)
 
 
-def example(tf, source: Source, packed: Packed, label_index: int, size: int) -> bytes:  # type: ignore[no-untyped-def]
+def pack_batch(images: list[TaskImage], letterboxing: Letterboxing) -> list[Packed | str]:
+    """The task: each image's PNG (or why it was skipped), in order. Runs on a worker: bytes in,
+    bytes out, no file touched."""
+    packed = []
+    for path, digest, data in images:
+        # The sha256 becomes the record's identity and split key: a damaged shard must not pass.
+        if sha256(data) != digest:
+            raise StageError(f"{path}: the bytes do not match their sha256 (a damaged shard: "
+                             "rerun the download stage)")
+        packed.append(pack_one(data, *letterboxing))
+    return packed
+
+
+def batches(images: Iterable[StoredImage]) -> Iterator[list[StoredImage]]:
+    """Consecutive images, ``BATCH_IMAGES`` or ``BATCH_BYTES`` at most (a larger image alone)."""
+    batch: list[StoredImage] = []
+    size = 0
+    for image in images:
+        if batch and (len(batch) == BATCH_IMAGES or size + image.size > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(image)
+        size += image.size
+    if batch:
+        yield batch
+
+
+def example(tf, label: str, digest: str, packed: Packed, label_index: int, size: int) -> bytes:  # type: ignore[no-untyped-def]
     def bytes_feature(value: bytes):  # type: ignore[no-untyped-def]
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
 
@@ -139,8 +179,8 @@ def example(tf, source: Source, packed: Packed, label_index: int, size: int) -> 
         "image/height": int_feature(size),
         "image/width": int_feature(size),
         "image/class/label": int_feature(label_index),
-        "image/class/text": bytes_feature(source.label.encode()),
-        "image/sha256": bytes_feature(source.digest.encode()),
+        "image/class/text": bytes_feature(label.encode()),
+        "image/sha256": bytes_feature(digest.encode()),
         "image/original/height": int_feature(packed.original_height),
         "image/original/width": int_feature(packed.original_width),
     }
@@ -153,30 +193,23 @@ def shard_names(split: str, count: int, shard_size: int) -> list[str]:
     return [f"{split}-{i:05d}-of-{shards:05d}.tfrecord" for i in range(shards)]
 
 
-def pack(images: Path, out: Path, p: PackParams) -> tuple[dict, list[Skipped]]:
-    """Pack ``images`` (``<label>/<image>`` files) into the TFRecords folder ``out``; returns the
-    report (images per split and class, skipped, shards) and the skipped images."""
-    items = list_images(images)
-    labels = sorted({label for label, _ in items})
-    if len(labels) < 2:
-        raise StageError(f"--images {images} has a single class ({labels[0]!r}); a classifier needs two or more")
-
-    processes = p.processes or os.cpu_count() or 1
-    context = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
-                                          else "spawn")
-    with ProcessPoolExecutor(processes, mp_context=context) as pool:
-        sources = list(pool.map(hash_file, items, chunksize=64))
-        # One copy per (label, content); the split is decided by content alone.
-        sources = sorted({(s.label, s.digest): s for s in sources}.values(), key=lambda s: (s.label, s.digest))
-        split = assign_splits(sources, p.seed, p.val_fraction, p.test_fraction)
-        # Records in a content-hash order: shards mix the classes, and the order never moves.
-        ordered = {name: sorted((s for s in sources if split[s.digest] == name),
-                                key=lambda s: uniform(p.seed + 1, s.digest)) for name in SPLITS}
-        work = [source for name in SPLITS for source in ordered[name]]
-        pack_image = functools.partial(pack_one, size=p.image_size, pad_color=tuple(p.pad_color),
-                                       resample=p.resample)
-        results = pool.map(pack_image, work, chunksize=16)
-        skipped, counts = write_records(out, ordered, results, labels, p, len(work))
+def pack(images: list[StoredImage], out: Path, p: PackParams, engine: Distributor) -> tuple[dict, list[Skipped]]:
+    """Pack ``images`` (from :func:`index_images`) into the TFRecords folder ``out``, letterboxing
+    on ``engine``; returns the report (images per split and class, skipped, shards) and the
+    skipped images."""
+    labels = sorted({image.meta.label for image in images})
+    split = assign_splits(((image.meta.label, image.digest) for image in images), p.seed, p.val_fraction,
+                          p.test_fraction)
+    # Records in a content-hash order: shards mix the classes, and the order never moves.
+    ordered = {name: sorted((image for image in images if split[image.digest] == name),
+                            key=lambda image: uniform(p.seed + 1, image.digest)) for name in SPLITS}
+    work = [image for name in SPLITS for image in ordered[name]]
+    letterboxing: Letterboxing = (p.image_size, tuple(p.pad_color), p.resample)
+    # A generator: each batch's bytes are read only when the distributor has room for its task.
+    tasks = (([(member_path(image), image.digest, image.read()) for image in batch], letterboxing)
+             for batch in batches(work))
+    results = (packed for batch in engine.map(pack_batch, tasks) for packed in batch)
+    skipped, counts = write_records(out, ordered, results, labels, p, len(work))
 
     report = {
         "images": {name: sum(c[name] for c in counts.values()) for name in SPLITS},
@@ -194,10 +227,10 @@ def write_report(path: Path, report: dict, skipped: list[Skipped]) -> None:
     write_csv_atomic(path.with_name("skipped.csv"), ["path", "label", "reason"], sorted(skipped))
 
 
-def write_records(out: Path, ordered: dict[str, list[Source]], results: Iterator[Packed | str], labels: list[str],
-                  p: PackParams, total: int) -> tuple[list[Skipped], dict[str, Counter]]:
+def write_records(out: Path, ordered: dict[str, list[StoredImage]], results: Iterator[Packed | str],
+                  labels: list[str], p: PackParams, total: int) -> tuple[list[Skipped], dict[str, Counter]]:
     """Write every shard into a staging folder that becomes ``out`` whole (``replacing_folder``)."""
-    import tensorflow as tf  # only the parent writes records; workers never import TensorFlow
+    import tensorflow as tf  # only this process writes records; workers never import TensorFlow
 
     index = {label: i for i, label in enumerate(labels)}
     skipped: list[Skipped] = []
@@ -205,16 +238,17 @@ def write_records(out: Path, ordered: dict[str, list[Source]], results: Iterator
     with replacing_folder(out) as staging:
         with tqdm(total=total, desc="pack", unit="img", mininterval=0.5, disable=None) as bar:
             for name in SPLITS:
-                sources = ordered[name]
-                for shard_index, shard in enumerate(shard_names(name, len(sources), p.shard_size)):
+                images = ordered[name]
+                for shard_index, shard in enumerate(shard_names(name, len(images), p.shard_size)):
                     with tf.io.TFRecordWriter(str(staging / shard)) as records:
-                        for source in sources[shard_index * p.shard_size:(shard_index + 1) * p.shard_size]:
+                        for image in images[shard_index * p.shard_size:(shard_index + 1) * p.shard_size]:
                             packed = next(results)
                             bar.update()
+                            label = image.meta.label
                             if isinstance(packed, str):
-                                skipped.append((source.path.as_posix(), source.label, packed))
+                                skipped.append((member_path(image), label, packed))
                                 continue
-                            records.write(example(tf, source, packed, index[source.label], p.image_size))
-                            counts[source.label][name] += 1
+                            records.write(example(tf, label, image.digest, packed, index[label], p.image_size))
+                            counts[label][name] += 1
         (staging / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
     return skipped, counts

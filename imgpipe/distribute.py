@@ -352,7 +352,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 def describe(engine: Distributor) -> str:
     """Where the tasks ran, for a stage's summary line."""
     if engine.engine == "ray":
-        return f"on Ray, {engine.cpus} CPUs"
+        return f"on Ray, {engine.cpus} CPU{'s' if engine.cpus != 1 else ''}"
     return f"on {engine.cpus} process{'es' if engine.cpus != 1 else ''}"
 
 

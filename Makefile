@@ -88,6 +88,7 @@ $(BENCH_STAMP):
 bench: $(STAMP) $(BENCH_STAMP)
 	export BENCH_RUN_ID="$$(date -u +%Y%m%dT%H%M%SZ)-$$$$" && \
 	$(RUN) python -m bench.download --img2dataset $(BENCH_VENV)/bin/img2dataset && \
+	$(RUN) python -m bench.scale && \
 	$(RUN) python -m bench.input_pipeline --img2dataset $(BENCH_VENV)/bin/img2dataset && \
 	$(RUN) python -m bench.train && \
 	$(RUN) python -m bench.serve && \

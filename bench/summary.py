@@ -29,7 +29,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The files `make bench` writes, in its order. Other files in bench/results/ are not part of it.
-FILES = ("download", "input_pipeline", "train", "serve")
+FILES = ("download", "scale", "input_pipeline", "train", "serve")
 # Results files written before the bench scripts recorded their run, accepted only byte for byte
 # (sha256) and only all together, as {name: (sha256, where they came from)}; their figures are
 # shown marked as not verified as one run. Empty since the `make bench` run of 2026-12-02.
@@ -120,17 +120,29 @@ def threads(processes: int, per_process: int) -> str:
     return f"{processes} process{'es' if processes != 1 else ''} x {per_process} threads"
 
 
+def ours_setup(ours: dict) -> str:
+    """This stage's configuration in one download run: processes x concurrent downloads each."""
+    if "fetches_per_core" in ours:
+        return (f"{ours['processes']} process{'es' if ours['processes'] != 1 else ''} x "
+                f"{ours['fetches_per_core']} concurrent downloads")
+    if "processes" in ours:
+        return threads(ours["processes"], ours["threads_per_process"])
+    return "processes not recorded"
+
+
+def megabytes(value: float) -> str:
+    return f"{value:.0f} MB" if value >= 10 else f"{value:.1f} MB"
+
+
 # --- the headline table -----------------------------------------------------------------------
 
 
 def download_config(result: dict, run: dict) -> tuple[str, dict]:
     """The words naming one download configuration, and img2dataset's faster configuration in it."""
     best = max(run["img2dataset"], key=lambda r: r["images_per_s"])
-    ours = run["ours"]
-    ours_setup = (threads(ours["processes"], ours["threads_per_process"]) if "processes" in ours
-                  else "processes not recorded")
     words = (f"{result['urls']} URLs ({share(result['bad_fraction'])} bad), {result['latency_s'] * 1000:g} ms added "
-             f"latency, {run['workers']} workers in all (this stage: {ours_setup}), median of {result['repeat']}")
+             f"latency, {run['workers']} workers in all (this stage: {ours_setup(run['ours'])}), median of "
+             f"{result['repeat']}")
     return words, best
 
 
@@ -157,9 +169,11 @@ def raw_words(run: dict, seconds: float) -> str:
 def rows(loaded: dict[str, dict]) -> list[list[str]]:
     out: list[list[str]] = []
 
-    def row(bench: str, compared: str, value: float, target: float, unit: Callable[[float], str] = ratio) -> None:
+    def row(bench: str, compared: str, value: float, target: float, unit: Callable[[float], str] = ratio,
+            at_most: bool = False) -> None:
         wanted = share(target) if unit is share else f"{target:g}x"
-        out.append([bench, compared, unit(value), f">= {wanted}", "yes" if value >= target else "**no**"])
+        met = value <= target if at_most else value >= target
+        out.append([bench, compared, unit(value), f"{'<=' if at_most else '>='} {wanted}", "yes" if met else "**no**"])
 
     if download := loaded.get("download"):
         targets = download["targets"]
@@ -172,6 +186,14 @@ def rows(loaded: dict[str, dict]) -> list[list[str]]:
             row("download", f"URLs/s inside the stage as a share of the latency-bound limit ({limit} = "
                             f"{run['latency_bound_limit_urls_per_s']:g} URLs/s); {words}",
                 run["fraction_of_latency_limit"], targets["fraction_of_latency_limit"], share)
+    if (scale := loaded.get("scale")) and "rows" in scale:
+        figures = scale["rows"]
+        small, large = figures["runs"][0], figures["runs"][-1]
+        row("download", f"the stage's own peak RSS (the coordinator, `--engine processes`) at {large['rows']} manifest "
+                        f"rows over {small['rows']} rows ({megabytes(large['coordinator_peak_rss_mb'])} against "
+                        f"{megabytes(small['coordinator_peak_rss_mb'])}); local {scale_source(scale)}",
+            figures["coordinator_peak_rss_ratio_largest_over_smallest"],
+            scale["targets"]["coordinator_peak_rss_ratio_largest_over_smallest"], at_most=True)
     if pipeline := loaded.get("input_pipeline"):
         targets, setup = pipeline["targets"], pipeline.get("setup", {})
         size, batch = setup.get("image_size", 224), setup.get("batch_size", pipeline["training"]["batch_size"])
@@ -251,16 +273,21 @@ def download_block(download: dict) -> str:
     cpu = [run["ours"]["cpu_ms_per_url"] for run in download["runs"]]
     cpus = download["machine"]["cpus"]
     latency = download["latency_s"] * 1000
+    output = download.get("output")
+    sampled = (", all its processes' CPU read from /proc" if "cpu_ms_per_url_rusage" in download["runs"][0]["ours"]
+               else "")
+    writes = ("this stage its tar shards and img2dataset its `webdataset` tar shards, both" if output
+              else "both tools write plain files")
     intro = (f"{download['urls']} image URLs on a loopback server that adds {latency:g} ms to every request, "
-             f"{share(download['bad_fraction'])} of them bad (404, HTML, truncated, empty); both tools write plain "
-             f"files without resizing, at the same total concurrency; medians of {download['repeat']} interleaved "
+             f"{share(download['bad_fraction'])} of them bad (404, HTML, truncated, empty); {writes} "
+             f"without resizing, at the same total concurrency; medians of {download['repeat']} interleaved "
              f"runs; wall time of the whole command. img2dataset runs in each of its configurations at every "
              f"concurrency. The latency-bound limit is workers / {latency:g} ms; the CPU-bound limit is {cpus} cores "
-             f"divided by this stage's measured CPU time per URL ({min(cpu):g}-{max(cpu):g} ms here, the server "
-             f"sharing the same cores). The share of the latency limit counts URLs/s inside the stage (interpreter "
-             f"start excluded), since the limit is about steady-state fetching.")
+             f"divided by this stage's measured CPU time per URL ({min(cpu):g}-{max(cpu):g} ms here{sampled}, the "
+             f"server sharing the same cores). The share of the latency limit counts URLs/s inside the stage "
+             f"(interpreter start excluded), since the limit is about steady-state fetching.")
     configs = sorted({r["processes"] for run in download["runs"] for r in run["img2dataset"]})
-    header = ["workers in all", "this stage: processes x threads", "latency-bound limit (URLs/s)",
+    header = ["workers in all", "this stage: processes x concurrent downloads", "latency-bound limit (URLs/s)",
               "CPU-bound limit (URLs/s)", "this stage (images/s)"]
     header += [f"img2dataset, {processes} process{'es' if processes != 1 else ''} (images/s)"
                for processes in configs]
@@ -269,8 +296,7 @@ def download_block(download: dict) -> str:
     for run in download["runs"]:
         ours = run["ours"]
         theirs = {r["processes"]: r for r in run["img2dataset"]}
-        cells = [str(run["workers"]),
-                 threads(ours["processes"], ours["threads_per_process"]) if "processes" in ours else "not recorded",
+        cells = [str(run["workers"]), ours_setup(ours),
                  f"{run['latency_bound_limit_urls_per_s']:g}", f"{run['cpu_bound_limit_urls_per_s']:g}",
                  f"{ours['images_per_s']:g}"]
         cells += [f"{theirs[p]['images_per_s']:g} ({theirs[p]['threads_per_process']} threads each)" if p in theirs
@@ -279,7 +305,110 @@ def download_block(download: dict) -> str:
         cells += [ratio(run["ratio_vs_best_img2dataset"]), share(run["fraction_of_latency_limit"]),
                   "the cores (CPU limit below latency limit)" if cpu_bound else "latency"]
         body.append(cells)
-    return intro + "\n\n" + markdown_table(header, body)
+    text = intro + "\n\n" + markdown_table(header, body)
+    for run in download["runs"]:
+        if "local_ray_cost" in run:
+            text += "\n\n" + local_ray_text(run)
+    return text
+
+
+def local_ray_text(run: dict) -> str:
+    """What a private local Ray (``--engine ray``) costs against the process pool, in the same repeats."""
+    cost, ray_run, ours = run["local_ray_cost"], run["ours_local_ray"], run["ours"]
+    wall, inside = cost["ray_over_processes_seconds"], cost["ray_over_processes_seconds_inside_stage"]
+    repeats = ", ".join(f"{value:.2f}x" for value in wall["all_repeats"])
+    phases = ray_run.get("phases_s", {})
+    start = phases.get("engine_start_and_first_task")
+    where = (f"; of its {ray_run['seconds_inside_stage']:g} s inside the stage, {start:g} s went to starting Ray and "
+             f"its first task (the process pool: {ours['phases_s']['engine_start_and_first_task']:g} s)"
+             if start is not None and "engine_start_and_first_task" in ours.get("phases_s", {}) else "")
+    keeps = cost["single_machine_default"] == "processes"
+    verdict = (f"more than the {cost['limit'] - 1:.0%} a local Ray may cost before the process pool stays the "
+               "single-machine default, so it stays" if keeps
+               else f"within {cost['limit'] - 1:.0%} of the process pool")
+    return (f"The same stage with `--engine ray` (a private Ray it starts on 127.0.0.1, {ray_run['processes']} CPUs, "
+            f"{ray_run['fetches_per_core']} concurrent downloads per CPU), in the same interleaved repeats at "
+            f"{run['workers']} workers in all: {ray_run['images_per_s']:g} images/s against {ours['images_per_s']:g}; "
+            f"its whole-command time over the process pool's, repeat by repeat, {ratio(wall['median'])} median "
+            f"({repeats}; {ratio(inside['median'])} inside the stage){where}. That is {verdict}.")
+
+
+def scale_source(scale: dict) -> str:
+    return f"rows of distinct {scale['source']['images']}"
+
+
+def scale_block(scale: dict) -> str:
+    """bench/scale.py: rows and memory, DVC on the output, one Ray node against two."""
+    source = scale["source"]
+    parts = [f"`python -m bench.scale`: the download stage at scale on local files, no network: "
+             f"{source['distinct_images']} distinct {source['images']} of about {source['bytes_each']} bytes each, "
+             f"{source['labels']} labels; "
+             f"{', '.join(f'`{flag}`' for flag in source['stage_flags'])}; one run each."]
+    if figures := scale.get("rows"):
+        body = []
+        for run in figures["runs"]:
+            phases = ", ".join(f"{name.replace('_', ' ')} {phase['seconds']:g} s"
+                               for name, phase in run["phases"].items())
+            duplicates = f" ({run['duplicate_rows']} duplicate rows)" if run["duplicate_rows"] else ""
+            body.append([f"{run['rows']}{duplicates}", str(run["kept"]), str(run["shards"]),
+                         f"{run['seconds_inside_stage']:g} s", f"{run['rows_per_s']:g}",
+                         megabytes(run["coordinator_peak_rss_mb"]),
+                         ", ".join(megabytes(mb) for mb in run["worker_peak_rss_mb"]), phases])
+        header = ["manifest rows", "images kept", "shards", "inside the stage", "rows/s", "stage's peak RSS",
+                  "each worker's peak RSS", "phases (from the files the stage creates)"]
+        target = scale["targets"]["coordinator_peak_rss_ratio_largest_over_smallest"]
+        measured = figures["coordinator_peak_rss_ratio_largest_over_smallest"]
+        parts.append(markdown_table(header, body))
+        parts.append(f"The stage's own peak RSS (it logs it) at {figures['largest_rows']} rows over "
+                     f"{figures['smallest_rows']}: {ratio(measured)} (target at most {target:g}x: "
+                     f"{'met' if measured <= target else 'not met'}); the largest worker's peak "
+                     f"(VmHWM, read from /proc during the run): "
+                     f"{ratio(figures['max_worker_peak_rss_ratio_largest_over_smallest'])}.")
+    if dvc := scale.get("dvc"):
+        body = []
+        for name, words in (("shards", "the stage's tar shards"), ("loose", "loose files, `<label>/<sha256>.png`")):
+            r = dvc[name]
+            body.append([f"{dvc['images']} images as {words}", str(r["files"]), megabytes(r["bytes"] / 2**20),
+                         f"{r['dvc_add_s']:g} s", f"{r['dvc_push_s']:g} s", f"{r['dvc_status_cloud_s']:g} s"])
+        body.append(["loose over shards", "", "", ratio(dvc["dvc_add_loose_over_shards"]),
+                     ratio(dvc["dvc_push_loose_over_shards"]), ratio(dvc["dvc_status_cloud_loose_over_shards"])])
+        overhead = (dvc["shards"]["bytes"] - dvc["loose"]["bytes"]) / dvc["images"]
+        parts.append(f"DVC on the output: each in a fresh git + DVC repository with its own cache and "
+                     f"{dvc['remote']} as the remote (DVC's defaults otherwise).\n\n"
+                     + markdown_table(["", "files", "size", "`dvc add`", "`dvc push`", "`dvc status -c`"], body)
+                     + f"\n\nThe shards are larger by {overhead:.0f} bytes an image: tar gives each member a 512-byte "
+                     "header and pads it to 512 bytes, and each image has a JSON member beside it, which only shows "
+                     "with images this small.")
+    if nodes := scale.get("nodes"):
+        same = nodes["shards_byte_identical"]
+        identical = ("byte-identical shards in all three" if same["one_node_vs_two_nodes"] and same["ray_vs_processes"]
+                     else "**different shards**")
+        body = []
+        for key, words in (("processes", "`--engine processes` (the reference)"),
+                           ("one_node", "`--engine ray`, a private local Ray: one node, 2 CPUs (started by the stage)"),
+                           ("two_nodes", "`--engine ray --ray-address`: two nodes on loopback, 1 CPU each "
+                                         f"(started beforehand, in {nodes['two_node_cluster_start_s']:g} s)")):
+            run = nodes[key]
+            phases = run.get("phases", {})
+            body.append([words, f"{run['seconds_inside_stage']:g} s",
+                         f"{phases['engine_start_and_first_task']['seconds']:g} s"
+                         if "engine_start_and_first_task" in phases else "",
+                         f"{phases['map']['seconds']:g} s" if "map" in phases else "", f"{run['rows_per_s']:g}"])
+        parts.append(f"One Ray node against two on the same {nodes['cores']} cores, {nodes['rows']} rows: "
+                     f"{identical}. No speed-up is expected (the two nodes share the one node's cores): this shows the "
+                     "stage runs on a cluster and writes the same bytes; the cluster's figures are not a scaling "
+                     "result.\n\n"
+                     + markdown_table(["", "inside the stage", "engine start and first task", "map after it", "rows/s"],
+                                      body))
+    loads = [value for section in (scale.get("rows", {}).get("runs", []),
+                                   [scale["nodes"][k] for k in ("processes", "one_node", "two_nodes")]
+                                   if "nodes" in scale else [])
+             for run in section for value in run.get("load_average_before_after", [])]
+    if loads:
+        parts.append(f"The machine's 1-minute load average during these runs: {min(loads):g}-{max(loads):g} on "
+                     f"{scale['machine']['cpus']} CPUs (other jobs included), one run each: single figures, not "
+                     "medians.")
+    return "\n\n".join(parts)
 
 
 def pack_read_block(pipeline: dict) -> str:
@@ -415,7 +544,8 @@ def render(results: Path = RESULTS) -> dict[str, str]:
     paragraph = run_paragraph(results)
     loaded = load(results)
     return {"summary": paragraph + "\n\n" + table(results),
-            "download": download_block(loaded["download"]),
+            "download": download_block(loaded["download"])
+            + ("\n\n" + scale_block(loaded["scale"]) if "scale" in loaded else ""),
             "pack-read": pack_read_block(loaded["input_pipeline"]),
             "train": train_block(loaded["train"]),
             "serve": serve_block(loaded["serve"]),

@@ -32,10 +32,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def example_image() -> str:
-    """An image of the data set for the printed curl line."""
+    """An image of the data set for the printed curl line (not one of the demo's deliberately
+    bad rows, which live in data/bad/)."""
     folder = Path("data")
     for path in sorted(folder.rglob("*.png")) if folder.is_dir() else []:
-        return str(path)
+        if "bad" not in path.relative_to(folder).parts:
+            return str(path)
     return "your-image.jpg"
 
 

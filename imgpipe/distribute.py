@@ -245,12 +245,21 @@ def _prepare_ray(local: bool) -> Any:
     return ray
 
 
-def is_loopback(address: str) -> bool:
-    """Whether a Ray address ("127.0.0.1:6379", "[::1]:6379", "localhost", "ray://...") is this machine's loopback."""
-    host = address.split("://")[-1]
+def split_address(address: str) -> tuple[str, int | None]:
+    """(host, port) of a Ray address ("10.0.0.5:6379", "[::1]:6379", "ray://host:port"); the
+    port is None when there is none ("localhost", "::1", "auto")."""
+    rest = address.split("://")[-1]
     with contextlib.suppress(ValueError):
-        return ipaddress.ip_address(host.strip("[]")).is_loopback  # no port
-    host = host.rsplit(":", 1)[0].strip("[]")
+        return str(ipaddress.ip_address(rest.strip("[]"))), None  # a bare address: its colons are not a port
+    host, colon, port = rest.rpartition(":")
+    if not colon or not port.isdigit():
+        return rest.strip("[]"), None
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a Ray address is this machine's loopback."""
+    host, _ = split_address(address)
     if host == "localhost":
         return True
     try:
@@ -265,11 +274,11 @@ def _plain(text: str) -> str:
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
-    host, _, port = address.split("://")[-1].rpartition(":")
-    if not host or not port.isdigit():
+    host, port = split_address(address)
+    if port is None:
         return  # "auto" and the like: Ray finds the cluster itself
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
     except OSError as exc:
         raise StageError(f"cannot reach the Ray cluster at {address}: {one_line(exc)}") from None
 

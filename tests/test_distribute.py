@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -331,3 +332,16 @@ def test_cluster_loses_its_worker_node_mid_map_and_ray_retries_on_the_head(clust
     for i in lost:
         assert any(m.startswith(f"{i}-head-") for m in started), started
     assert recovered < 30, recovered
+
+
+def test_an_address_where_no_cluster_listens_is_a_one_line_error_in_seconds():
+    """Ray itself would retry for a quarter of an hour, then raise a traceback."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"  # bound, not listening: refused
+    started = time.monotonic()
+    with pytest.raises(StageError, match=rf"^cannot reach the Ray cluster at {address}: ") as failed:
+        with distributor("ray", address, 0):
+            pass
+    assert "\n" not in str(failed.value)
+    assert time.monotonic() - started < 30

@@ -218,12 +218,23 @@ def rows(loaded: dict[str, dict]) -> list[list[str]]:
                     f"against ResNet50V2 `train_on_batch` images/s on random tensors; batch {training['batch_size']}, "
                     f"{size} px",
             training["input_over_training"], targets["input_over_training"])
-    if train := loaded.get("train"):
+    if (train := loaded.get("train")) and "configs" not in train:  # the older format: one size, float32
         setup = train["setup"]
         row("train", f"training images/s fed by the TFRecord pipeline (augmentation on) against the same images as an "
                      f"in-memory tensor; ResNet50V2, {setup['train_images']} demo digits at {setup['image_size']} px, "
                      f"batch {setup['batch_size']}, {setup['steps_per_epoch']} steps x {setup['timed_epochs']} timed "
                      f"epochs, median of {setup['repeat']} alternating runs", train["ratio"], train["target_ratio"])
+    elif train:
+        # Every size and precision compared has its row, so the target is met in all or the table says where not.
+        setup = train["setup"]
+        for config in train_compared(train):
+            runs = config["ratio_runs"]
+            row("train", f"training images/s fed by the stage's TFRecord input (`training_epochs`, augmentation "
+                         f"{'on' if setup['augmentation'] else 'off'}) against the same images as an in-memory "
+                         f"tensor; ResNet50V2, {setup['train_images']} demo digits at {config['image_size']} px, "
+                         f"{config['precision']}, batch {setup['batch_size']}, {config['steps']} timed steps after "
+                         f"{config['warmup_steps']} warm-up, median of {plural(len(runs), 'interleaved run')} each "
+                         f"(per-repeat ratios {span(runs, ratio)})", config["ratio"], train["target_ratio"])
     if serve := loaded.get("serve"):
         keras = serve["keras_per_request"]
         for precision, run in serve["onnxruntime"].items():
@@ -452,7 +463,103 @@ def pack_read_block(pipeline: dict) -> str:
     return intro + "\n\n" + markdown_table(header, body) + "\n\n" + text
 
 
+def train_compared(train: dict) -> list[dict]:
+    """The sizes and precisions measured with both feeds (not an emulated mixed_float16)."""
+    return [config for config in train["configs"] if "ratio" in config]
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def span(values: list[float], unit: Callable[[float], str] = lambda value: f"{value:.1f}") -> str:
+    low, high = min(values), max(values)
+    return unit(low) if unit(low) == unit(high) else f"{unit(low)}-{unit(high)}"
+
+
+def augmentation_words(augmentation: dict | None) -> str:
+    if not augmentation:
+        return "augmentation off"
+    words = [f"{key} {value:g}" if isinstance(value, float) else key
+             for key, value in augmentation.items() if value]
+    return "augmented: " + (", ".join(words) if words else "nothing on")
+
+
+def resume_text(resume: dict | None) -> str:
+    if resume is None:
+        return "Kill and resume: not measured in this run (`--skip-resume`)."
+    epochs = resume["epoch_s"]
+    later = (f"an epoch took {epochs[-1]:g} s here after the first ({epochs[0]:g} s, graph tracing included)"
+             if len(epochs) > 1 else f"an epoch took {epochs[0]:g} s here")
+    identical = "yes" if resume["bit_identical"] else "**no**"
+    return (f"Kill and resume: `python -m stages.train_resnet` on the {resume['image_size']} px records, "
+            f"{resume['precision']}, `{' '.join(resume['flags'])}` (everything else from params.yaml), whole "
+            f"commands: run uninterrupted, then killed with SIGKILL as it printed `{resume['kill_at']}` (epoch "
+            f"{resume['backed_up_epoch']} backed up: {megabytes(resume['backup_bytes'] / 2**20)} in "
+            f"{resume['backup_files']} files) and run again: {resume['killed_s']:g} s + {resume['resumed_s']:g} s "
+            f"against {resume['uninterrupted_s']:g} s, {resume['lost_s']:g} s lost "
+            f"({share(resume['lost_fraction'])} of the uninterrupted run); the resumed `model.keras` is bit-identical "
+            f"to the uninterrupted one: {identical}. A kill inside an epoch also loses that epoch's finished steps: "
+            f"{later}.")
+
+
 def train_block(train: dict) -> str:
+    if "configs" not in train:
+        return train_block_v1(train)
+    setup, target = train["setup"], train["target_ratio"]
+    body = []
+    for config in train["configs"]:
+        runs = config["runs"]
+        if "ratio" in config:
+            body.append([f"{config['image_size']} px", config["precision"],
+                         f"{config['tfrecord_images_per_s']:.1f} ({span(runs['tfrecord'])})",
+                         f"{config['in_memory_images_per_s']:.1f} ({span(runs['in_memory'])})",
+                         ratio(config["ratio"]), span(config["ratio_runs"], ratio)])
+        else:
+            body.append([f"{config['image_size']} px",
+                         f"{config['precision']} (emulated: one run of {plural(config['steps'], 'step')})",
+                         f"{config['tfrecord_images_per_s']:.1f}", "not measured", "", ""])
+    header = ["size", "precision", "TFRecord-fed images/s (runs)", "in memory images/s (runs)", "ratio",
+              "per-repeat ratios"]
+    compared = train_compared(train)
+    repeats = sorted({len(config["ratio_runs"]) for config in compared})
+    intro = (f"ResNet50V2 as the stage builds and trains it (its head, optimizer, loss and class weights; seeded, "
+             f"untrained), batch {setup['batch_size']}, on the {setup['train_images']} training digits packed at "
+             f"each size, fed by (a) the stage's own training input, `training_epochs` (the TFRecords read, "
+             f"shuffled, PNG-decoded and {augmentation_words(setup['augmentation'])}), and (b) the same images "
+             "decoded in memory as one tensor (shuffled, not augmented), the fastest feed there is. One model per "
+             f"size and precision (Keras' global policy); each run is {setup['warmup_steps']} untimed steps (graph "
+             f"tracing on the first, the pipeline's start on every run) then {setup['steps']} timed steps, a and b "
+             f"alternating, {listing([str(n) for n in repeats]) if repeats else '?'} "
+             f"run{'s' if repeats != [1] else ''} of each. Medians, with "
+             "the range of the runs; the ratio is a / b of the medians, with the range of the per-repeat ratios "
+             "(each a run over the b run beside it).")
+    text = []
+    if compared:
+        worst = min(compared, key=lambda config: config["ratio"])
+        failed = [f"{c['image_size']} px {c['precision']}" for c in compared if c["ratio"] < target]
+        text.append(f"The target, a ratio of at least {target:g} in every configuration compared, is "
+                    + (f"met; the worst is {ratio(worst['ratio'])} ({worst['image_size']} px {worst['precision']})."
+                       if not failed else f"**not met** in {listing(failed)} (worst {ratio(worst['ratio'])})."))
+    by = {(c["image_size"], c["precision"]): c for c in train["configs"]}
+    rate = "tfrecord_images_per_s"
+    speedups = [f"{ratio(by[size, 'mixed_bfloat16'][rate] / by[size, 'float32'][rate])} at {size} px"
+                for size in sorted({c["image_size"] for c in train["configs"]})
+                if (size, "float32") in by and (size, "mixed_bfloat16") in by]
+    if speedups:
+        instructions = train["machine"].get("bf16_instructions")
+        text.append(f"mixed_bfloat16 over float32, TFRecord-fed: {listing(speedups)} (this CPU's bfloat16 "
+                    f"instructions: {', '.join(instructions) if instructions else 'none listed'}).")
+    if emulated := [c for c in train["configs"] if "ratio" not in c]:
+        text.append(f"CPUs have no float16 arithmetic, so {listing(sorted({c['precision'] for c in emulated}))} is "
+                    "emulated here (the stage warns so) and slow: one TFRecord-fed run per size, after one warm-up "
+                    "step, shown to complete the table, not compared.")
+    paragraphs = [intro, markdown_table(header, body), " ".join(text), resume_text(train.get("resume"))]
+    return "\n\n".join(paragraph for paragraph in paragraphs if paragraph)
+
+
+def train_block_v1(train: dict) -> str:
+    """The older format (one size, float32, no kill and resume), as its file recorded it."""
     setup, runs = train["setup"], train["runs"]
     met = "met" if train["ratio"] >= train["target_ratio"] else "not met"
     return (f"ResNet50V2 training images/s ({setup['train_images']} demo digits at {setup['image_size']} px, batch "

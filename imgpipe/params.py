@@ -137,14 +137,21 @@ class AutomlParams(Section):
     fixed: dict[str, str | int | float | bool] = Field(default_factory=dict)
     patience: NonNegativeInt = 5  # epochs without a better val loss before a trial stops; 0 = never stop early
     class_weighting: bool = True
-    overwrite: bool = True  # false: resume the search kept in --workdir (then the result depends on that state)
+    # The search runs on at most this many training images (a seeded, class-balanced sample held in
+    # memory: AutoKeras takes arrays); the winner is then trained on the whole split, streamed.
+    search_images: PositiveInt = 2000
     seed: int = 42
 
 
 class TrainParams(Section):
     head: Literal["auto", "softmax", "sigmoid"] = "auto"  # auto: sigmoid for exactly two classes
     strategy: Literal["default", "mirrored", "multi_worker"] = "default"  # tf.distribute strategy
-    mixed_precision: bool = False  # float16 compute, for GPUs
+    # float32, or mixed: float16 compute for GPUs, bfloat16 for CPUs with BF16 (AVX-512 BF16, AMX) and
+    # TPUs. Variables and the saved model stay float32 either way.
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    # true: op determinism, so the same inputs give a bit-identical model; false: faster (most on
+    # GPUs), and reruns differ slightly.
+    deterministic: bool = True
     resnet: ResnetParams = Field(default_factory=ResnetParams)
     automl: AutomlParams = Field(default_factory=AutomlParams)
 

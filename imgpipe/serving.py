@@ -8,6 +8,11 @@ a Triton repository (``<name>/config.pbtxt`` with dynamic batching on the ONNX R
 in-process and sends it every validation and test image over HTTP. The metrics, per split: HTTP
 accuracy (must equal the bundle's offline accuracy), and agreement with ONNX Runtime on the same
 pixels; latency and throughput differ on every run, so they go to an untracked timings file.
+
+The images are read, sent and compared READ_BATCH at a time, so memory holds a few batches of
+pixels whatever the splits' size; only the probabilities (images x classes) are kept whole. The
+throughput counts the time spent answering those batches (not the service's start, nor the
+reading and offline comparison between batches).
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,10 +33,17 @@ from imgpipe.bundle import LABELS, METADATA, MODEL_FILES, evaluated_metrics
 from imgpipe.errors import StageError
 from imgpipe.files import write_folder_atomic, write_text_atomic
 from imgpipe.params import ServeParams
-from imgpipe.training.evaluation import side_by_side
+from imgpipe.training.evaluation import predict_split, side_by_side
+
+if TYPE_CHECKING:
+    from serve.bundle import Bundle
 
 CLIENTS = 8  # concurrent HTTP clients in the check: enough for the batcher to form batches
 SPLITS = ("val", "test")  # checked over HTTP; train is not (the model has seen it)
+# Images read, sent and compared at a time. The memory bound: tf.data holds a few batches as
+# float32 (38 MB each at 224 px). Eight times CLIENTS: the clients stay busy but for each batch's
+# last requests (no throughput lost to it that runs could tell apart from noise).
+READ_BATCH = 64
 
 
 def choose(bundles: Path, wanted: str) -> Path:
@@ -80,9 +95,30 @@ def png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def check_over_http(bundle_dir: Path, images: np.ndarray, p: ServeParams):  # type: ignore[no-untyped-def]
-    """Every image through a real service on loopback: (probabilities in label order, latencies,
-    the service's own loaded bundle)."""
+@dataclass
+class HttpCheck:
+    """A running service, sent a batch of images at a time by CLIENTS concurrent clients, one
+    image a request; it keeps each request's latency and the time spent answering."""
+
+    send: Callable[[int, np.ndarray], tuple[list[float], float]]  # (index, pixels) -> (scores by label, seconds)
+    pool: ThreadPoolExecutor
+    bundle: Bundle  # the service's own loaded bundle
+    latencies: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # from each batch's first request to its last answer, summed
+
+    def ask(self, images: np.ndarray) -> np.ndarray:
+        """The service's probabilities (in label order) for a batch of uint8 images."""
+        first = len(self.latencies)
+        started = time.perf_counter()
+        answers = list(self.pool.map(self.send, range(first, first + len(images)), images))
+        self.seconds += time.perf_counter() - started
+        self.latencies.extend(seconds for _, seconds in answers)
+        return np.array([scores for scores, _ in answers], dtype=np.float64)
+
+
+@contextmanager
+def check_over_http(bundle_dir: Path, p: ServeParams) -> Iterator[HttpCheck]:
+    """A real service on loopback for the block's length, with CLIENTS clients to ask it."""
     import httpx
 
     from serve.app import Settings, create_app
@@ -91,10 +127,10 @@ def check_over_http(bundle_dir: Path, images: np.ndarray, p: ServeParams):  # ty
     app = create_app(Settings(bundle=bundle_dir, max_batch=p.max_batch, max_wait_ms=p.max_wait_ms,
                               max_queue=max(p.max_queue, CLIENTS)))
     labels = app.state.bundle.labels
-    with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
-        def send(index: int) -> tuple[list[float], float]:
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as client, ThreadPoolExecutor(CLIENTS) as pool:
+        def send(index: int, pixels: np.ndarray) -> tuple[list[float], float]:
             started = time.perf_counter()
-            response = client.post("/predict", files={"image": (f"image-{index}.png", png(images[index]), "image/png")})
+            response = client.post("/predict", files={"image": (f"image-{index}.png", png(pixels), "image/png")})
             elapsed = time.perf_counter() - started
             if response.status_code != 200:
                 raise StageError(f"the service answered image {index} with HTTP "
@@ -102,10 +138,13 @@ def check_over_http(bundle_dir: Path, images: np.ndarray, p: ServeParams):  # ty
             scores = response.json()["scores"]
             return [scores[label] for label in labels], elapsed
 
-        with ThreadPoolExecutor(CLIENTS) as pool:
-            answers = list(pool.map(send, range(len(images))))
-    probabilities = np.array([scores for scores, _ in answers], dtype=np.float64)
-    return probabilities, [seconds for _, seconds in answers], app.state.bundle
+        yield HttpCheck(send, pool, app.state.bundle)
+
+
+def offline(bundle: Bundle, images: np.ndarray, batch: int) -> np.ndarray:
+    """The bundle's probabilities straight from ONNX Runtime, ``batch`` images a call: the
+    service's largest batch, so that ONNX Runtime's working memory stays what serving needs."""
+    return np.concatenate([bundle.predict(images[i:i + batch])[0] for i in range(0, len(images), batch)])
 
 
 @dataclass(frozen=True)
@@ -126,7 +165,7 @@ class Served:
 def build_serving(bundles: Path, records: Path, out: Path, triton: Path, reports: Path, timings_path: Path,
                   p: ServeParams) -> Served:
     """Copy the chosen bundle to ``out``, write the Triton repository ``triton``, check the service
-    over HTTP on ``records``' validation split, and write ``reports/metrics.json`` and the timings.
+    over HTTP on ``records``' val and test splits, and write ``reports/metrics.json`` and the timings.
     The check's verdict is ``Served.require_agreement``'s, so the numbers can be shown first."""
     chosen = choose(bundles, p.model)
     metadata = json.loads((chosen / METADATA).read_text())
@@ -138,34 +177,34 @@ def build_serving(bundles: Path, records: Path, out: Path, triton: Path, reports
                                  f"{name}/1/model.onnx": (chosen / MODEL_FILES["fp32"]).read_bytes(),
                                  f"{name}/labels.txt": "".join(f"{label}\n" for label in labels).encode()})
 
-    from imgpipe.records.read import DatasetError, load_arrays
+    from imgpipe.records.read import DatasetError, image_batches
 
-    try:
-        arrays = {split: load_arrays(records, split, metadata["input"]["shape"][1]) for split in SPLITS}
+    try:  # both splits listed and verified before the service starts
+        batches = {split: image_batches(records, split, READ_BATCH, metadata["input"]["shape"][1])
+                   for split in SPLITS}
     except DatasetError as exc:
         raise StageError(f"--records {records}: {exc}") from None
-    images = np.concatenate([arrays[split][0] for split in SPLITS])
-    started = time.perf_counter()
-    http_probs, latencies, bundle = check_over_http(out, images, p)
-    seconds = time.perf_counter() - started
-
-    direct, _ = bundle.predict(images)
-    checked, start = {}, 0
-    for split in SPLITS:
-        y_true = arrays[split][1]
-        predicted = http_probs[start:start + len(y_true)].argmax(1)
-        start += len(y_true)
-        checked[split] = {"images": len(y_true), "http_accuracy": round(float(np.mean(predicted == y_true)), 6),
-                          "offline_accuracy": metadata["metrics"][split]["accuracy"]}
+    checked, http, direct = {}, [], []
+    with check_over_http(out, p) as service:
+        for split in SPLITS:  # each batch over HTTP, then straight through the service's own bundle
+            y_true, found = predict_split(batches[split], {
+                "http": service.ask, "direct": lambda images: offline(service.bundle, images, p.max_batch)})
+            http.append(found["http"])
+            direct.append(found["direct"])
+            checked[split] = {"images": len(y_true),
+                              "http_accuracy": round(float(np.mean(found["http"].argmax(1) == y_true)), 6),
+                              "offline_accuracy": metadata["metrics"][split]["accuracy"]}
+    http_probs, direct_probs = np.concatenate(http), np.concatenate(direct)
+    latencies = service.latencies
     metrics = {
         "model": name, "version": metadata["version"], "beats_baseline": metadata["metrics"]["beats_baseline"],
         **side_by_side(checked),
         # Batches of other sizes may round the last bits differently: agreement, not equality of bits.
-        "agreement_with_onnxruntime": float(np.mean(http_probs.argmax(1) == direct.argmax(1))),
-        "max_abs_diff_onnxruntime": float(f"{float(np.max(np.abs(http_probs - direct))):.1e}"),
+        "agreement_with_onnxruntime": float(np.mean(http_probs.argmax(1) == direct_probs.argmax(1))),
+        "max_abs_diff_onnxruntime": float(f"{float(np.max(np.abs(http_probs - direct_probs))):.1e}"),
     }
     write_text_atomic(reports / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    timings = {"images": len(images), "clients": CLIENTS, "images_per_second": len(images) / seconds,
+    timings = {"images": len(latencies), "clients": CLIENTS, "images_per_second": len(latencies) / service.seconds,
                "p50_ms": 1000 * float(np.percentile(latencies, 50)),
                "p99_ms": 1000 * float(np.percentile(latencies, 99))}
     write_text_atomic(timings_path, json.dumps(timings, indent=2) + "\n")

@@ -1,11 +1,14 @@
-"""Stage 3b, an AutoKeras architecture search on the packed TFRecords.
+"""Stage 3b, an AutoKeras architecture search on the packed TFRecords, its winner trained on all of train.
 
     python -m stages.train_automl --records build/tfrecords --out build/models/autokeras \\
         --reports reports/train_automl
 
-The search, the plain-Keras copy of its best model, the outputs (the ResNet stage's, plus
+The search runs on at most ``train.automl.search_images`` training images (a seeded,
+class-balanced sample held in memory), then the best architecture is trained afresh on the whole
+training split, streamed; the plain-Keras copy of it, the outputs (the ResNet stage's, plus
 ``trials.csv``) and the Neptune run are ``imgpipe.training.automl``'s. The search state (trials,
-checkpoints) lives in ``--workdir``, outside DVC's outputs.
+checkpoints) is backed up under ``--workdir``, outside DVC's outputs: a killed run, rerun with
+the same inputs, resumes after its last finished trial; a finished run removes it.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ NAME = "train_automl"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = trainer_parser(NAME, __doc__.split("\n")[0], "train.automl", "metrics, plots, pictures and trials.csv")
-    parser.add_argument("--workdir", type=Path, default=Path(".cache/automl"),
-                        help="search state: trials and checkpoints, not tracked (default: %(default)s)")
+    parser.add_argument("--workdir", type=Path, default=Path(f".cache/{NAME}"),
+                        help="backup of the search (trials, checkpoints) for a resume, not tracked; "
+                             "removed when the run finishes (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -34,10 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = params_module.load_for(args)
     started = time.monotonic()
-    searched = search(params, args.records, args.out, args.reports, args.workdir, args.params)
+    searched = search(params, args.records, args.out, args.reports, args.workdir, args.params, NAME)
     seconds = time.monotonic() - started
+    searched_on = (f"searched on {searched.search_images} of {searched.train_images} training images, "
+                   f"the winner trained afresh on all" if searched.retrained
+                   else f"searched on all {searched.train_images} training images")
     print_summary(NAME, searched.scores, f"best of {searched.trials_run} trials: #{searched.best_trial} "
-                  f"({searched.architecture}), epoch {searched.best_epoch}; {seconds:.0f} s; "
+                  f"({searched.architecture}), {searched_on}, epoch {searched.best_epoch}; {seconds:.0f} s; "
                   f"model {args.out / 'model.keras'}", args.reports)
 
 

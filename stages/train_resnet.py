@@ -3,7 +3,9 @@
     python -m stages.train_resnet --records build/tfrecords --out build/models/resnet50v2 \\
         --reports reports/train_resnet
 
-The training, its outputs and its Neptune run are ``imgpipe.training.resnet``'s.
+The training, its outputs and its Neptune run are ``imgpipe.training.resnet``'s. Each finished
+epoch is backed up in ``--workdir`` (outside DVC's outputs): killed, the same command resumes
+after the last finished epoch and ends with the model an uninterrupted run would have made.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from imgpipe import params as params_module
 from imgpipe.cli import run
@@ -22,6 +25,8 @@ NAME = "train_resnet"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = trainer_parser(NAME, __doc__.split("\n")[0], "train.resnet", "metrics, plots and pictures")
+    parser.add_argument("--workdir", type=Path, default=Path(f".cache/{NAME}"),
+                        help="backups of the last finished epoch, for a resume; not tracked (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -29,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params = params_module.load_for(args)
     started = time.monotonic()
-    trained = train(params, args.records, args.out, args.reports, args.params, NAME)
+    trained = train(params, args.records, args.out, args.reports, args.params, NAME, args.workdir)
     seconds = time.monotonic() - started
     print_summary(NAME, trained.scores, f"best epoch {trained.best_epoch} of {trained.epochs_run}; "
                   f"{seconds:.0f} s; model {args.out / 'model.keras'}", args.reports)

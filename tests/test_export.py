@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from imgpipe.export.graph import TRAINING_OPS
+from imgpipe.export.quantize import quantize
 from imgpipe.records.read import load_arrays
 from tests.conftest import EXPORT_PARAMS, export_bundle, small_cnn
 
@@ -68,7 +69,8 @@ def test_bundle_holds_a_parity_checked_onnx_model_with_activation_maps(bundles, 
 
 
 def test_export_again_gives_the_same_bytes_and_int8_is_optional(bundles, records, tmp_path):
-    again = export_bundle(small_cnn(32, 3, "avg"), records[3], tmp_path, "cam", "--quantize")
+    again = export_bundle(small_cnn(32, 3, "avg"), records[3], tmp_path, "cam", "--quantize",
+                          "--calibration-images", "8")
     for name in ("model.onnx", "cam_weights.npy", "labels.json", "preprocess.json"):
         assert (again / name).read_bytes() == (bundles["cam"] / name).read_bytes(), name
     metrics = json.loads((tmp_path / "reports" / "cam" / "metrics.json").read_text())
@@ -78,6 +80,10 @@ def test_export_again_gives_the_same_bytes_and_int8_is_optional(bundles, records
     assert timings["int8_speedup"] > 0
     quantized = onnx.load(again / "model.int8.onnx")
     assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in quantized.graph.node}
+    # Calibrated on the first 8 training images in record order, read without the rest of the split.
+    train, _ = load_arrays(records[3], "train", 32)
+    assert len(train) > 8
+    assert (again / "model.int8.onnx").read_bytes() == quantize((again / "model.onnx").read_bytes(), train[:8])
     images, _ = load_arrays(records[3], "val", 32)
     (probabilities,) = run_onnx(again, images, ["probabilities"])
     assert probabilities.shape == (len(images), 3)

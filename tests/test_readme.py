@@ -160,7 +160,7 @@ def test_an_unstamped_file_that_is_not_the_known_older_one_or_a_missing_file_is_
     folder = stamped(tmp_path, {name: None for name in summary.FILES})
     train = folder / "train.json"
     data = json.loads(train.read_text())
-    train.write_text(json.dumps({**data, "ratio": data["ratio"] + 0.01}, indent=2) + "\n")
+    train.write_text(json.dumps({**data, "edited": True}, indent=2) + "\n")  # any change, whatever the schema
     with pytest.raises(summary.NotOneRun, match="train.json records no run"):
         summary.provenance(folder)
     (folder / "serve.json").unlink()
@@ -191,6 +191,54 @@ def test_every_configuration_measured_has_its_rows_and_cached_is_only_compared_w
     rows = [line for line in summary.table(folder).splitlines() if "both sides cached" in line]
     assert len(rows) == 2 and all("`image_dataset_from_directory(...).cache()`" in row and "1.50x" in row
                                   for row in rows)
+
+
+def train_results(ratios: dict[tuple[int, str], float], bit_identical: bool = True) -> dict:
+    """A bench/train.py results file (the format with sizes, precisions and kill-and-resume), with
+    these TFRecord / in-memory ratios and an emulated mixed_float16 at each size."""
+    configs = []
+    for (size, precision), value in ratios.items():
+        memory = 20.0
+        configs.append({"image_size": size, "precision": precision, "emulated": False, "warning": None,
+                        "warmup_steps": 2, "steps": 10,
+                        "runs": {"tfrecord": [memory * value] * 3, "in_memory": [memory] * 3},
+                        "tfrecord_images_per_s": memory * value, "in_memory_images_per_s": memory, "ratio": value,
+                        "ratio_runs": [value - 0.02, value, value + 0.02]})
+    for size in sorted({size for size, _ in ratios}):
+        configs.append({"image_size": size, "precision": "mixed_float16", "emulated": True, "warning": "emulated",
+                        "warmup_steps": 1, "steps": 2, "runs": {"tfrecord": [2.5]}, "tfrecord_images_per_s": 2.5})
+    return {
+        "machine": {"cpus": 2, "cpu": "Test CPU", "bf16_instructions": ["avx512_bf16"], "gpus": 0},
+        "setup": {"train_images": 1261, "classes": 10, "batch_size": 16, "warmup_steps": 2, "steps": 10, "repeat": 3,
+                  "float16_steps": 2, "augmentation": {"flip": True, "rotation": 0.1, "contrast": 0.1}},
+        "target_ratio": 0.95, "configs": configs,
+        "resume": {"image_size": 128, "epochs": 2, "batch_size": 32, "precision": "float32",
+                   "flags": ["--epochs", "2", "--min-steps", "0", "--patience", "0", "--batch-size", "32"],
+                   "kill_at": "Epoch 2/", "uninterrupted_s": 200.0, "killed_s": 110.0, "resumed_s": 120.0,
+                   "lost_s": 30.0, "lost_fraction": 0.15, "epoch_s": [100.0, 80.0], "backup_bytes": 377_000_000,
+                   "backup_files": 3, "backed_up_epoch": 1, "bit_identical": bit_identical},
+    }
+
+
+def test_every_size_and_precision_of_the_training_feed_has_its_row_and_float16_is_marked(tmp_path):
+    folder = stamped(tmp_path, {name: "run-a" for name in summary.FILES})
+    ratios = {(128, "float32"): 1.01, (128, "mixed_bfloat16"): 0.97, (224, "float32"): 0.99,
+              (224, "mixed_bfloat16"): 0.93}
+    run = json.loads((folder / "train.json").read_text())["run"]
+    (folder / "train.json").write_text(json.dumps({**train_results(ratios), "run": run}))
+    rows = [line for line in summary.table(folder).splitlines() if line.startswith("| train |")]
+    assert len(rows) == 4  # the emulated float16 is not compared
+    for (size, precision), value in ratios.items():
+        [line] = [row for row in rows if f"at {size} px, {precision}," in row]
+        assert f"| {value:.2f}x | >= 0.95x | {'yes' if value >= 0.95 else '**no**'} |" in line
+    block = summary.render(folder)["train"]
+    assert "**not met** in 224 px mixed_bfloat16 (worst 0.93x)" in block
+    assert block.count("mixed_float16 (emulated: one run of 2 steps) | 2.5 | not measured") == 2
+    assert "mixed_bfloat16 over float32, TFRecord-fed: 0.96x at 128 px and 0.94x at 224 px" in block
+    assert "30 s lost (15% of the uninterrupted run)" in block and "uninterrupted one: yes" in block
+
+    (folder / "train.json").write_text(json.dumps({**train_results(ratios, bit_identical=False), "run": run}))
+    assert "uninterrupted one: **no**" in summary.render(folder)["train"]
 
 
 def test_the_writer_refuses_a_file_without_markers_or_no_file(tmp_path, capsys):

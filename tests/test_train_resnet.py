@@ -160,7 +160,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpu_devices(tmp_path, records):
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "NEPTUNE_MODE": "debug"},
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "MirroredStrategy with 2 replica(s)" in result.stderr  # a log line
+    assert "mirrored (MirroredStrategy) with 2 replica(s)" in result.stderr  # a log line
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 1 and 0 <= metrics["accuracy"]["val"] <= 1
     assert keras.models.load_model(tmp_path / "model" / "model.keras").output_shape == (None, 3)
@@ -203,3 +203,4 @@ def test_a_run_starts_from_saved_backbone_weights_and_bad_files_are_params_error
         assert f"train.resnet.weights: {bad}: {message}" in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert not (tmp_path / "bad").exists()
+

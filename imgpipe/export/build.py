@@ -9,6 +9,11 @@ Keras and ONNX Runtime both predict the whole validation split; no bundle is wri
 every top-1 agrees and no probability differs by more than ``export.max_abs_diff``. The exported
 model is then scored on val and test (ONNX Runtime's probabilities, what the service answers);
 test decides nothing here, it is only reported.
+
+The splits are read batch by batch (``export.batch_size`` images, the batches the models predict
+on anyway), each once for every model, so memory holds a batch of pixels, never a split: only
+the probabilities (images x classes) are kept whole. INT8 calibration reads just the first
+``export.calibration_images`` training images, and the speed is measured on the first 256 of val.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +30,20 @@ from imgpipe.bundle import CAM_WEIGHTS, LABELS, METADATA, MODEL_FILES, PREPROCES
 from imgpipe.errors import StageError
 from imgpipe.export.convert import FEATURES, INPUT, PROBABILITIES, cam_kernel, convert, npy, serving_model
 from imgpipe.export.graph import training_ops_left
-from imgpipe.export.parity import Parity, compare, images_per_second, keras_probabilities, run_onnx, session
+from imgpipe.export.parity import (
+    Parity,
+    compare,
+    images_per_second,
+    keras_probabilities,
+    run_onnx,
+    session,
+)
 from imgpipe.export.quantize import quantize
 from imgpipe.files import sha256, write_folder_atomic, write_text_atomic
 from imgpipe.params import Params
-from imgpipe.training.evaluation import BASELINE_MARGIN, Scores, evaluate, side_by_side
+from imgpipe.training.evaluation import BASELINE_MARGIN, Scores, evaluate, predict_split, side_by_side
+
+SPEED_IMAGES = 256  # the first validation images, timed in ONNX Runtime
 
 
 @dataclass(frozen=True)
@@ -59,14 +74,16 @@ def build_bundle(model_path: Path, records: Path, out: Path, reports: Path, timi
     seed_everything(0)  # op determinism: Keras' side of the parity check is the same on every run
     import keras
 
-    from imgpipe.records.read import DatasetError, load_arrays, record_image_size
+    from imgpipe.records.read import DatasetError, first_images, image_batches, record_image_size
     from imgpipe.training.reports import dataset_version
 
-    try:
+    try:  # every split is listed and verified before the model loads; of pixels, only fixed samples yet
         labels = json.loads((records / "labels.json").read_text())
         size = record_image_size(records)
-        images, y_true = load_arrays(records, "val", size)
-        test_images, test_true = load_arrays(records, "test", size)
+        val_batches = image_batches(records, "val", p.batch_size, size)
+        test_batches = image_batches(records, "test", p.batch_size, size)
+        timed = first_images(records, "val", SPEED_IMAGES, size)
+        calibration = first_images(records, "train", p.calibration_images, size) if p.quantize else None
     except (OSError, json.JSONDecodeError, DatasetError) as exc:
         raise StageError(f"--records {records}: {exc}") from None
     try:
@@ -83,30 +100,29 @@ def build_bundle(model_path: Path, records: Path, out: Path, reports: Path, timi
     if left:
         raise StageError(f"the ONNX graph of {model_path} still holds training-only ops: {', '.join(left)}")
 
-    # Parity gate on the whole validation split.
-    keras_probs = keras_probabilities(model, images, p.batch_size)
-    sess = session(onnx_bytes)
-    onnx_probs = run_onnx(sess, images, p.batch_size)
-    parity = compare(keras_probs, onnx_probs, p.max_abs_diff)
-    scores = Scores(evaluate(y_true, onnx_probs, labels),
-                    evaluate(test_true, run_onnx(sess, test_images, p.batch_size), labels))
-    metrics = {"parity": parity.metrics(), **scores.metrics(), "class_activation_maps": dense is not None}
-    timings = {"onnx_images_per_second": images_per_second(sess, images[:256], p.batch_size)}
-
+    sessions = {"onnx": session(onnx_bytes)}
     files = {MODEL_FILES["fp32"]: onnx_bytes}
-    if p.quantize:
-        calibration, _ = load_arrays(records, "train", size)
-        int8 = quantize(onnx_bytes, calibration[:p.calibration_images])
-        int8_sess = session(int8)
-        int8_probs = run_onnx(int8_sess, images, p.batch_size)
-        int8_scores = Scores(evaluate(y_true, int8_probs, labels),
-                             evaluate(test_true, run_onnx(int8_sess, test_images, p.batch_size), labels))
+    if calibration is not None:  # quantised first, so that each split is read once for every model
+        files[MODEL_FILES["int8"]] = quantize(onnx_bytes, calibration)
+        sessions["int8"] = session(files[MODEL_FILES["int8"]])
+    runtime = {name: partial(run_onnx, sess, batch_size=p.batch_size) for name, sess in sessions.items()}
+
+    # Parity gate on the whole validation split.
+    y_true, val = predict_split(val_batches, {
+        "keras": partial(keras_probabilities, model, batch_size=p.batch_size), **runtime})
+    test_true, test = predict_split(test_batches, runtime)
+    parity = compare(val["keras"], val["onnx"], p.max_abs_diff)
+    scores = Scores(evaluate(y_true, val["onnx"], labels), evaluate(test_true, test["onnx"], labels))
+    metrics = {"parity": parity.metrics(), **scores.metrics(), "class_activation_maps": dense is not None}
+    timings = {"onnx_images_per_second": images_per_second(sessions["onnx"], timed, p.batch_size)}
+
+    if "int8" in sessions:
+        int8_scores = Scores(evaluate(y_true, val["int8"], labels), evaluate(test_true, test["int8"], labels))
         metrics["int8"] = {**side_by_side({"val": int8_scores.val.headline(), "test": int8_scores.test.headline()}),
                            "accuracy_change": round(int8_scores.val.accuracy - scores.val.accuracy, 6),
-                           "top1_agreement": float(np.mean(int8_probs.argmax(1) == onnx_probs.argmax(1)))}
-        timings["int8_images_per_second"] = images_per_second(int8_sess, images[:256], p.batch_size)
+                           "top1_agreement": float(np.mean(val["int8"].argmax(1) == val["onnx"].argmax(1)))}
+        timings["int8_images_per_second"] = images_per_second(sessions["int8"], timed, p.batch_size)
         timings["int8_speedup"] = timings["int8_images_per_second"] / timings["onnx_images_per_second"]
-        files[MODEL_FILES["int8"]] = int8
 
     pack = params.pack
     files[LABELS] = (json.dumps(labels, indent=2) + "\n").encode()

@@ -11,7 +11,9 @@ float32 in [0, 255] exactly as ``imgpipe.images.preprocess`` made them: scaling 
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +53,81 @@ def count_records(files: list[str]) -> int:
 
 def label_counts(folder: Path | str, split: str, classes: int) -> list[int]:
     """Images per class index in a split, from the labels alone (no image decoding)."""
-    labels = tf.data.TFRecordDataset(shard_files(folder, split)).map(
-        lambda record: tf.io.parse_single_example(record, {"image/class/label": FEATURES["image/class/label"]})
-        ["image/class/label"], num_parallel_calls=AUTOTUNE)
-    counts = [0] * classes
-    for batch in labels.batch(4096):
-        for label, count in zip(*np.unique(batch.numpy(), return_counts=True), strict=True):
-            counts[int(label)] += int(count)
-    return counts
+    return np.bincount(split_labels(folder, split), minlength=classes).tolist()
+
+
+def split_labels(folder: Path | str, split: str) -> np.ndarray:
+    """Every record's label in a split, in file order (shards by name, records as written), from
+    the labels alone (no image decoded): what ``balanced_sample`` chooses from. Reading checks
+    every record's checksum, so a damaged shard is a DatasetError naming it."""
+    parts = [np.zeros(0, np.int64)]
+    for path in shard_files(folder, split):
+        labels = tf.data.TFRecordDataset(path, buffer_size=1 << 20).map(
+            lambda record: tf.io.parse_single_example(record, {"image/class/label": FEATURES["image/class/label"]})
+            ["image/class/label"], num_parallel_calls=AUTOTUNE, deterministic=True)
+        try:
+            parts.extend(batch.numpy() for batch in labels.batch(4096))
+        except (tf.errors.DataLossError, tf.errors.OutOfRangeError, tf.errors.InvalidArgumentError) as exc:
+            raise DatasetError(f"{path}: corrupt or truncated TFRecord ({exc.message.splitlines()[0]})") from None
+    return np.concatenate(parts)
+
+
+def class_quotas(counts: list[int], limit: int) -> list[int]:
+    """How many images of each class a sample of at most ``limit`` takes: an equal share each,
+    and a class with fewer images than its share gives what it cannot fill to the others.
+
+    Classes are served from the smallest up, each taking its equal share of what is left, so the
+    leftover of a small class flows to the larger ones (the remainder of the division goes to
+    the largest)."""
+    quotas = [0] * len(counts)
+    left = min(limit, sum(counts))
+    order = sorted(range(len(counts)), key=lambda c: (counts[c], c))
+    for served, c in enumerate(order):
+        quotas[c] = min(counts[c], left // (len(order) - served))
+        left -= quotas[c]
+    return quotas
+
+
+def balanced_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Ascending positions of a seeded, class-balanced sample of at most ``limit`` of ``labels``
+    (``class_quotas`` per class, each class's images drawn without replacement by
+    ``numpy.random.default_rng(seed)``); every position when there are no more than ``limit``.
+    The same labels, limit and seed give the same sample."""
+    if len(labels) <= limit:
+        return np.arange(len(labels))
+    counts = np.bincount(labels).tolist()
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(labels == c), quota, replace=False)
+              for c, quota in enumerate(class_quotas(counts, limit))]
+    return np.sort(np.concatenate(chosen))
+
+
+def load_records_at(folder: Path | str, split: str, image_size: int,
+                    positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The records at ``positions`` (file order, as ``split_labels`` numbers them) in memory:
+    (uint8 images, int64 labels), in ascending position order. One pass over the split's
+    records that decodes only the chosen ones into arrays allocated once: memory is the sample's,
+    whatever the split's size."""
+    positions = np.unique(np.asarray(positions, np.int64))
+    images = np.empty((len(positions), image_size, image_size, 3), np.uint8)
+    labels = np.empty(len(positions), np.int64)
+    if not len(positions):
+        return images, labels
+    keep = np.zeros(int(positions[-1]) + 1, bool)
+    keep[positions] = True
+    wanted = tf.constant(keep)
+    chosen = (tf.data.TFRecordDataset(shard_files(folder, split), buffer_size=1 << 20).take(len(keep)).enumerate()
+              .filter(lambda position, _: wanted[position])
+              .map(lambda _, record: parse(record, image_size), num_parallel_calls=AUTOTUNE, deterministic=True)
+              .batch(256).prefetch(1))
+    filled = 0
+    for batch, truth in chosen:
+        images[filled:filled + len(batch)] = batch.numpy()
+        labels[filled:filled + len(batch)] = truth.numpy()
+        filled += len(batch)
+    if filled != len(positions):
+        raise DatasetError(f"{split} records in {folder}: {len(positions)} chosen, {filled} found")
+    return images, labels
 
 
 def record_image_size(folder: Path | str) -> int:
@@ -155,14 +224,63 @@ def make_dataset(folder: Path | str, split: str, batch_size: int, image_size: in
     return dataset.map(to_float, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The data seed of one epoch (0-based): a function of (seed, epoch) alone, so an epoch's
+    order and augmentation are the same whether or not the run was interrupted before it."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:4], "big") >> 1
+
+
+def training_epochs(folder: Path | str, batch_size: int, image_size: int, seed: int, first: int, epochs: int,
+                    passes: int = 1, augment: AugmentParams | None = None) -> tf.data.Dataset:
+    """The training split for epochs ``first`` .. ``epochs - 1`` (0-based), one after another,
+    each ``passes`` shuffled passes long, for ``fit(steps_per_epoch=...)``.
+
+    Each epoch is its own pipeline seeded by ``epoch_seed(seed, epoch)``, not a reshuffle drawn
+    from the iterator's state: so an epoch's batches do not depend on the epochs before it, and a
+    run resumed at epoch ``first`` sees exactly what an uninterrupted run saw. (With
+    ``steps_per_epoch`` Keras keeps one iterator over all epochs, so the concatenation lines up.)
+    The records' checksums are not verified again: the trainer's ``make_dataset`` did that."""
+    if not 0 <= first < epochs:
+        raise ValueError(f"first epoch {first} is not in [0, {epochs})")
+    one = [make_dataset(folder, "train", batch_size, image_size, seed=epoch_seed(seed, epoch), training=True,
+                        augment=augment, verify=False).repeat(passes) for epoch in range(first, epochs)]
+    dataset = one[0]
+    for more in one[1:]:
+        dataset = dataset.concatenate(more)
+    return dataset
+
+
 def load_arrays(folder: Path | str, split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """A whole split in memory, in ``make_dataset``'s evaluation order: (uint8 images, int64 labels).
 
-    For trainers that only take NumPy arrays (AutoKeras 3); uint8 keeps it at image_size^2 * 3
-    bytes per image. The images are the very pixels ``make_dataset`` yields, before augmentation."""
-    dataset = make_dataset(folder, split, 256, image_size, training=False)
-    images, labels = [], []
-    for batch, truth in dataset:
-        images.append(batch.numpy().astype(np.uint8))  # exact: the float32 values are whole numbers
-        labels.append(truth.numpy())
-    return np.concatenate(images), np.concatenate(labels)
+    For tests and benchmarks that want arrays; the stages stream (``image_batches``) or sample
+    (``load_records_at``) instead, so that their memory does not grow with the data."""
+    batches = list(image_batches(folder, split, 256, image_size))
+    return np.concatenate([images for images, _ in batches]), np.concatenate([labels for _, labels in batches])
+
+
+def image_batches(folder: Path | str, split: str, batch_size: int, image_size: int,
+                  verify: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A split a batch at a time, in ``make_dataset``'s evaluation order: (uint8 images, int64
+    labels), the batches of ``load_arrays``' arrays, for steps whose memory must not grow with
+    the data (one batch of pixels at a time, plus tf.data's prefetch). The shards are listed
+    and verified here, so a missing or damaged split raises DatasetError before any batch."""
+    return _uint8_batches(make_dataset(folder, split, batch_size, image_size, training=False, verify=verify))
+
+
+def _uint8_batches(dataset: tf.data.Dataset) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for images, labels in dataset:
+        yield images.numpy().astype(np.uint8), labels.numpy()  # exact: the float32 values are whole numbers
+
+
+def first_images(folder: Path | str, split: str, count: int, image_size: int) -> np.ndarray:
+    """The first ``count`` uint8 images of a split in evaluation order (all, if it holds fewer):
+    ``load_arrays(...)[0][:count]``, reading no further than tf.data's read-ahead of a batch or
+    two, not the rest of the split. Checksums are not verified first (that reads every shard);
+    a damaged record among those read is a DatasetError."""
+    try:
+        images, _ = next(image_batches(folder, split, count, image_size, verify=False),
+                         (np.zeros((0, image_size, image_size, 3), np.uint8), None))
+    except tf.errors.OpError as exc:
+        raise DatasetError(f"{split} records in {folder}: {exc.message.splitlines()[0]}") from None
+    return images

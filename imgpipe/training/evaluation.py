@@ -10,6 +10,7 @@ same PNG bytes, as DVC outputs must.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ DIGITS = 6  # metrics are rounded so the JSON does not carry float noise
 # of guessing on a few dozen val images (for two balanced classes and 40 images one standard
 # deviation of a guess's accuracy is 0.08) while any model that learned the task clears it easily.
 BASELINE_MARGIN = 0.1
+Predict = Callable[[np.ndarray], np.ndarray]  # a batch of images -> its class probabilities
 
 
 @dataclass(frozen=True)
@@ -205,3 +207,18 @@ def plot_mistakes(images, y_true: np.ndarray, outputs: np.ndarray, labels: list[
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
+
+
+def predict_split(batches: Iterable[tuple[np.ndarray, np.ndarray]],
+                  predictors: dict[str, Predict]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(labels, each predictor's probabilities) over a split read batch by batch, in record order.
+
+    One pass for all predictors: the pixels are read (and PNG-decoded) once and held a batch at a
+    time; only the per-image results, images x classes, are kept for the whole split."""
+    truth: list[np.ndarray] = []
+    found: dict[str, list[np.ndarray]] = {name: [] for name in predictors}
+    for images, labels in batches:
+        truth.append(labels)
+        for name, predict in predictors.items():
+            found[name].append(predict(images))
+    return np.concatenate(truth), {name: np.concatenate(parts) for name, parts in found.items()}

@@ -18,8 +18,9 @@ from imgpipe.errors import ParamsError
 HEADS = ("auto", "softmax", "sigmoid")
 
 
-def seed_everything(seed: int) -> None:
-    """Same seed, same inputs, same machine: bit-identical weights (op determinism on).
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Same seed, same inputs, same machine: bit-identical weights, with op determinism on
+    (``train.deterministic``); off, the seeds still hold but some kernels add in any order.
 
     Also clears Keras' session, whose layer-name counters would otherwise give a second model
     built in the same process other names, and so another saved file."""
@@ -27,12 +28,64 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+    else:  # explicitly: an earlier training in this process may have turned it on
+        from tensorflow.python.framework import config
+
+        config.disable_op_determinism()
+
+
+def set_precision(precision: str) -> str | None:
+    """Keras' global dtype policy for ``train.precision``; after ``seed_everything``, whose
+    clear_session resets it. Returns a warning for a combination that runs but makes no sense:
+    float16 on a machine without a GPU is emulated, slower than float32."""
+    keras.mixed_precision.set_global_policy(precision)
+    if precision == "mixed_float16" and not tf.config.list_logical_devices("GPU"):
+        return ("train.precision mixed_float16 on a machine without a GPU: CPUs emulate float16, "
+                "slower than float32; use mixed_bfloat16 on CPUs with BF16, or float32")
+    return None
+
+
+def float32_copy(model: keras.Model) -> keras.Model:
+    """The same network and weights with every layer in float32: what is saved, evaluated and
+    exported, whatever precision trained it (mixed precision keeps its variables in float32
+    already, so this is exact; only the compute dtype changes)."""
+    if all(layer.dtype_policy.name == "float32" for layer in model._flatten_layers()):  # noqa: SLF001
+        return model
+
+    def as_float32(node):  # type: ignore[no-untyped-def]
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy" or node.get("class_name") == "DTypePolicyMap":
+                return "float32"
+            return {key: as_float32(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [as_float32(item) for item in node]
+        return "float32" if node in ("mixed_float16", "mixed_bfloat16") else node
+
+    copy = model.__class__.from_config(as_float32(model.get_config()))
+    copy.set_weights(model.get_weights())
+    return with_adapted_state(copy)
+
+
+def with_adapted_state(model: keras.Model) -> keras.Model:
+    """``model`` with each Normalization's mean and variance recomputed from its variables.
+
+    Normalization keeps them as tensors made from its variables when adapted or loaded, not when
+    ``set_weights`` assigns the variables: without this, a copy would normalise with the initial
+    mean 0 and variance 1 (AutoKeras' models start with an adapted Normalization)."""
+    for layer in model._flatten_layers(include_self=False):  # noqa: SLF001
+        if isinstance(layer, keras.layers.Normalization) and layer.built:
+            layer.finalize_state()
+    return model
 
 
 def strategy_for(name: str) -> tf.distribute.Strategy:
     """default: the current device; mirrored: every local GPU in sync (or, with no GPU, every
-    logical CPU device, which is how it is tested); multi_worker: the machines in TF_CONFIG."""
+    logical CPU device, which is how it is tested); multi_worker: the machines in TF_CONFIG.
+
+    Call it before any other TensorFlow work: MultiWorkerMirroredStrategy configures collective
+    ops when TensorFlow starts, and fails once anything has run."""
     if name == "mirrored":
         if tf.config.list_logical_devices("GPU"):
             return tf.distribute.MirroredStrategy()

@@ -108,6 +108,13 @@ class Tracker:
         if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`: `dvc exp show` lists this run by that name
             self.set("source/dvc_experiment", os.environ["DVC_EXP_NAME"])
 
+    @classmethod
+    def idle(cls) -> Tracker:
+        """A tracker that starts no run and records nothing (a worker that is not the chief)."""
+        tracker = cls.__new__(cls)
+        tracker.run, tracker._warned = None, True
+        return tracker
+
     @property
     def active(self) -> bool:
         return self.run is not None

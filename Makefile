@@ -10,7 +10,7 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 # Run with the virtual environment first on PATH, so dvc.yaml's `python` is the pinned one.
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
-.PHONY: help .venv demo data release serve test bench lock clean
+.PHONY: help .venv browser demo data release serve test bench lock clean
 
 help:
 	@echo "make demo   - set up .venv, generate the demo digits, run the whole pipeline (dvc repro)"
@@ -19,6 +19,7 @@ help:
 	@echo "make serve  - start the prediction service on 127.0.0.1:8000"
 	@echo "make bench  - benchmarks against peer tools (results in bench/results/)"
 	@echo "make .venv  - only create the virtual environment from requirements.lock"
+	@echo "make browser - install Debian's headless Chromium for the browser tests (apt, when missing)"
 
 .venv: $(STAMP)
 
@@ -72,8 +73,16 @@ release: $(STAMP)
 serve: $(STAMP)
 	$(RUN) python -m serve
 
+# Debian's Chromium for the browser tests (Playwright drives /usr/bin/chromium; it never downloads its own).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell test "$$(id -u)" = 0 || echo sudo)
+
+browser:
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update && \
+		$(SUDO) apt-get install -y --no-install-recommends chromium; }
+
 # Lint first (seconds), then two workers, one test file each (module fixtures stay in one process).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(RUN) ruff check .
 	$(RUN) python -m pytest -n 2 --dist loadfile
 

@@ -101,6 +101,10 @@ def share(value: float) -> str:
     return f"{value:.0%}"
 
 
+def seconds(value: float) -> str:
+    return f"{value:.2f} s"
+
+
 def listing(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -171,7 +175,7 @@ def rows(loaded: dict[str, dict]) -> list[list[str]]:
 
     def row(bench: str, compared: str, value: float, target: float, unit: Callable[[float], str] = ratio,
             at_most: bool = False) -> None:
-        wanted = share(target) if unit is share else f"{target:g}x"
+        wanted = share(target) if unit is share else seconds(target) if unit is seconds else f"{target:g}x"
         met = value <= target if at_most else value >= target
         out.append([bench, compared, unit(value), f"{'<=' if at_most else '>='} {wanted}", "yes" if met else "**no**"])
 
@@ -250,6 +254,10 @@ def rows(loaded: dict[str, dict]) -> list[list[str]]:
                     targets["service_c32_vs_keras_c32"])
                 row("serve", f"single-image p50 latency (concurrency 1), per-request Keras (fp32) over the {service}",
                     keras["1"]["p50_ms"] / levels["1"]["p50_ms"], targets["keras_p50_c1_vs_service_p50_c1"])
+        if (annotate := serve.get("annotate")) and not annotate_run_of_its_own(serve):
+            shape, worst = max(annotate["methods"]["occlusion"].items(), key=lambda item: item[1]["median_s"])
+            row("serve", f"`/annotate` by occlusion, end to end, {shape} JPEG ({occlusion_words(worst)}); "
+                         f"{annotate_setup(annotate)}", worst["median_s"], annotate["budget_s"], seconds, at_most=True)
     return out
 
 
@@ -595,7 +603,48 @@ def serve_block(serve: dict) -> str:
                 for precision, run in serve["onnxruntime"].items()]
     text = ("Raw ONNX Runtime alone (no HTTP, no decoding, no batching) over per-request Keras at concurrency 32, "
             f"the most any service on this graph could reach against Keras here: {listing(ceilings)}.")
-    return intro + "\n\n" + markdown_table(["", "images/s", "p50", "p99"], body) + "\n\n" + text
+    block = intro + "\n\n" + markdown_table(["", "images/s", "p50", "p99"], body) + "\n\n" + text
+    return block + ("\n\n" + annotate_block(serve) if "annotate" in serve else "")
+
+
+def annotate_run_of_its_own(serve: dict) -> dict | None:
+    """The run record of serve.json's ``annotate`` figures when ``--only annotate`` measured them
+    apart from the rest of the file; None when they come from the same run."""
+    run = serve["annotate"].get("run")
+    return run if run and run.get("id") != (serve.get("run") or {}).get("id") else None
+
+
+def occlusion_words(figures: dict) -> str:
+    rows, cols = figures["patches"]
+    return (f"{rows} rows x {cols} columns of patches of about {figures['patch_px']} px hidden one at a time, "
+            f"{figures['forward_passes']:g} forward passes in all")
+
+
+def annotate_setup(annotate: dict) -> str:
+    flags = " ".join(annotate["service_flags"])
+    pinned = "pinned to " if annotate["pinned"] else "on "
+    return (f"{annotate['model']}, the service {pinned}{annotate['cores']} cores (`{flags}`), one request at a "
+            f"time, median of {annotate['repeats']} runs interleaved with the other method's")
+
+
+def annotate_block(serve: dict) -> str:
+    """/annotate end to end per attention method (serve.attention), and where the figures come from."""
+    annotate = serve["annotate"]
+    body = []
+    for method, shapes in annotate["methods"].items():
+        for shape, figures in shapes.items():
+            how = (f"occlusion ({occlusion_words(figures)})" if method == "occlusion"
+                   else f"class activation map ({figures['forward_passes']:g} forward pass)")
+            body.append([f"{how}, {shape} JPEG", seconds(figures["median_s"]),
+                         f"{seconds(figures['min_s'])} - {seconds(figures['max_s'])}"])
+    worst = annotate["occlusion_worst_median_s"]
+    text = (f"`/annotate` (client to annotated PNG) by each attention method: {annotate_setup(annotate)}. Budget for "
+            f"occlusion: at most {seconds(annotate['budget_s'])}; slowest shape's median {seconds(worst)}: "
+            f"{'met' if annotate['met'] else '**not met**'}.")
+    if annotate_run_of_its_own(serve):
+        text += (f" Measured apart from the figures above, by `python -m bench.serve --only annotate` "
+                 f"({run_origin(serve['annotate'])}), not in the `make bench` run.")
+    return text + "\n\n" + markdown_table(["", "median", "range"], body)
 
 
 def small_data_table(section: dict) -> str:

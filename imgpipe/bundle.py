@@ -19,6 +19,7 @@ LABELS = "labels.json"  # class names, in output order
 PREPROCESS = "preprocess.json"  # what imgpipe.images.preprocess needs: image_size, pad_color, resample
 METADATA = "metadata.json"  # name, content-derived version, data set, metrics, input and outputs
 CAM_WEIGHTS = "cam_weights.npy"  # dense kernel for class-activation maps, when the head allows them
+SETTINGS = "settings.json"  # the service settings the serve stage checked (BUNDLE_SETTINGS); flags override them
 REQUIRED = (MODEL_FILES["fp32"], LABELS, PREPROCESS, METADATA)
 DEFAULT_BUNDLES = (Path("model"), Path("build/serving"))  # the release (`dvc pull model.dvc`), the last repro
 
@@ -41,9 +42,15 @@ class ServingDefaults:
     threads: int = 0  # ONNX Runtime intra-op threads per batch; 0 = one per core
     workers: int = ONE_PER_CORE  # batches run at once (each on `threads` threads)
     precision: str = "fp32"  # a key of MODEL_FILES
+    remote_timeout: float = 10.0  # seconds for a whole {"url": ...} fetch, redirects and trickling included
+    upload_timeout: float = 30.0  # seconds for a client to send its whole request body
+    drain_seconds: float = 30.0  # on SIGTERM, how long requests already accepted may take to be answered
 
 
 SERVING = ServingDefaults()
+# What the serve stage writes into the bundle's SETTINGS file (params.yaml's serve: section, checked
+# over HTTP by that stage); `python -m serve` starts with them.
+BUNDLE_SETTINGS = ("max_batch", "max_wait_ms", "max_queue", "max_body_bytes", "max_pixels")
 
 
 def missing_files(folder: Path) -> list[str]:

@@ -170,6 +170,8 @@ class ServeParams(Section):
     max_batch: PositiveInt = SERVING.max_batch  # requests coalesced into one ONNX Runtime call
     max_wait_ms: Annotated[float, Field(ge=0)] = SERVING.max_wait_ms  # how long the first request waits
     max_queue: PositiveInt = SERVING.max_queue  # images waiting; more are answered 503 with Retry-After
+    max_body_bytes: PositiveInt = SERVING.max_body_bytes  # larger requests are answered 413
+    max_pixels: PositiveInt = SERVING.max_pixels  # larger images are answered 422 (decompression bombs)
     triton_instances: PositiveInt = 1  # Triton model instances (CPU)
     triton_max_queue_delay_us: NonNegativeInt = 5000
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from imgpipe.bundle import LABELS, METADATA, MODEL_FILES, evaluated_metrics
+from imgpipe.bundle import BUNDLE_SETTINGS, LABELS, METADATA, MODEL_FILES, SETTINGS, evaluated_metrics
 from imgpipe.errors import StageError
 from imgpipe.files import write_folder_atomic, write_text_atomic
 from imgpipe.params import ServeParams
@@ -121,11 +121,11 @@ def check_over_http(bundle_dir: Path, p: ServeParams) -> Iterator[HttpCheck]:
     """A real service on loopback for the block's length, with CLIENTS clients to ask it."""
     import httpx
 
-    from serve.app import Settings, create_app
+    from serve.app import create_app
     from serve.running import running
+    from serve.settings import resolve
 
-    app = create_app(Settings(bundle=bundle_dir, max_batch=p.max_batch, max_wait_ms=p.max_wait_ms,
-                              max_queue=max(p.max_queue, CLIENTS)))
+    app = create_app(resolve(bundle_dir, max_queue=max(p.max_queue, CLIENTS)))  # the settings it wrote
     labels = app.state.bundle.labels
     with running(app) as url, httpx.Client(base_url=url, timeout=60) as client, ThreadPoolExecutor(CLIENTS) as pool:
         def send(index: int, pixels: np.ndarray) -> tuple[list[float], float]:
@@ -171,7 +171,9 @@ def build_serving(bundles: Path, records: Path, out: Path, triton: Path, reports
     metadata = json.loads((chosen / METADATA).read_text())
     labels = json.loads((chosen / LABELS).read_text())
 
-    write_folder_atomic(out, {path.name: path.read_bytes() for path in sorted(chosen.iterdir()) if path.is_file()})
+    settings = {name: getattr(p, name) for name in BUNDLE_SETTINGS}  # what `python -m serve` starts with
+    write_folder_atomic(out, {**{path.name: path.read_bytes() for path in sorted(chosen.iterdir()) if path.is_file()},
+                              SETTINGS: (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode()})
     name = chosen.name  # what serve.model names
     write_folder_atomic(triton, {f"{name}/config.pbtxt": triton_config(name, metadata, labels, p).encode(),
                                  f"{name}/1/model.onnx": (chosen / MODEL_FILES["fp32"]).read_bytes(),

@@ -1,5 +1,6 @@
-"""The /annotate picture: the original image at its own size, the class-activation heatmap over
-it, a box around the most activated region and the predicted label. NumPy and Pillow only.
+"""The /annotate picture: the original image at its own size, the attention heatmap over it (a
+class activation map or an occlusion map, ``serve.attention``), a box around the hottest region
+and the predicted label. NumPy and Pillow only.
 
 The map is computed on the model's padded square, so it is cropped to where the image sits in
 that square (``Geometry``) before being stretched back onto the original.
@@ -14,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from imgpipe.images import Geometry
 
-BOX_THRESHOLD = 0.5  # the box holds the peak's connected region at >= half the peak activation
+BOX_THRESHOLD = 0.5  # the box holds the peak's connected region at >= half the peak value
 ALPHA = 0.45
 
 
@@ -26,7 +27,7 @@ def heat_colors(heat: np.ndarray) -> np.ndarray:
 
 
 def heatmap_on_original(cam: np.ndarray, geometry: Geometry, square_size: int) -> np.ndarray:
-    """The h x w class-activation map as a [0, 1] map the size of the original image."""
+    """An h x w attention map over the square (any resolution) as a [0, 1] map the size of the original image."""
     cam = cam.astype(np.float32) - float(cam.min())
     peak = float(cam.max())
     cam = cam / peak if peak > 0 else np.zeros_like(cam)

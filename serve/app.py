@@ -1,6 +1,6 @@
 """The prediction service: FastAPI on ONNX Runtime, dynamic batching, errors as data. No TensorFlow.
 
-    app = create_app(Settings(bundle=Path("model")))
+    app = create_app(Settings(bundle=Path("model")))    # an ASGI app (serve.service.Service)
 
 Every refusal is ``{"error": {"code", "message"}}`` with a 4xx status (503 with Retry-After when
 the queue is full); bad input never produces a 500 or a traceback.
@@ -9,22 +9,23 @@ the queue is full); bad input never produces a 500 or a traceback.
 from __future__ import annotations
 
 import asyncio
-import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from imgpipe.bundle import METADATA, SERVING
+from imgpipe.bundle import METADATA
+from serve.access_log import AccessLog, note_batch
 from serve.annotate import annotate as draw_annotation
+from serve.attention import METHOD_HEADER, Method, attention_map, method_of
+from serve.auth import KeyCheck
 from serve.batcher import Batcher, QueueFull
 from serve.bundle import Bundle, BundleError
 from serve.errors import ApiError
@@ -40,25 +41,14 @@ from serve.inputs import (
     unsupported,
     upload_bytes,
 )
-from serve.remote import RemotePolicy
+from serve.metrics import Metrics
+from serve.middleware import BodyLimit, Timing
+from serve.page import PUBLIC_PATHS, PUBLIC_PREFIXES, add_page
+from serve.service import ReloadError, Service
+from serve.settings import Settings
 
-
-@dataclass
-class Settings:
-    """What the service runs with; every default is ``imgpipe.bundle.SERVING``'s."""
-
-    bundle: Path
-    max_batch: int = SERVING.max_batch
-    max_wait_ms: float = SERVING.max_wait_ms
-    max_queue: int = SERVING.max_queue
-    max_body_bytes: int = SERVING.max_body_bytes
-    max_pixels: int = SERVING.max_pixels
-    max_batch_images: int = SERVING.max_batch_images
-    remote: RemotePolicy = field(default_factory=RemotePolicy)
-    path_root: Path | None = None
-    threads: int = SERVING.threads
-    workers: int = SERVING.workers
-    precision: str = SERVING.precision
+__all__ = ["Settings", "create_app"]
+PROBES = ("/healthz", "/readyz")  # answered without a key: load balancers and orchestrators ask them
 
 
 # --- response models (also the OpenAPI schema schemathesis checks the service against) ---------
@@ -104,6 +94,23 @@ class ModelMetrics(BaseModel):
     baseline_margin: float = Field(description="the margin beats_baseline asks for, in macro-F1")
 
 
+class ServiceSettings(BaseModel):
+    max_batch: int = Field(description="images per ONNX Runtime call")
+    max_wait_ms: float = Field(description="how long the first image of a batch waits for company")
+    max_queue: int = Field(description="images waiting before 503 + Retry-After")
+    max_body_bytes: int
+    max_pixels: int
+    max_batch_images: int
+    threads: int
+    workers: int
+    precision: str
+    upload_timeout: float = Field(description="seconds a client has to send its request body")
+    remote_urls: bool
+    remote_timeout: float = Field(description="seconds for a whole URL fetch")
+    paths: bool = Field(description='whether {"path": ...} inputs are read (--path-root)')
+    keys_required: bool = Field(description="whether requests need Authorization: Bearer <key>")
+
+
 class Metadata(BaseModel):
     name: str
     version: str
@@ -112,16 +119,29 @@ class Metadata(BaseModel):
     metrics: ModelMetrics | None = Field(description="the exported model's metrics, on val and on the held-out test "
                                               "split separately; null for a bundle that was never evaluated")
     dataset: str = Field(description="hash of the TFRecords the model was trained on")
-    class_activation_maps: bool = Field(description="whether /annotate can draw heatmaps")
+    class_activation_maps: bool = Field(description="whether the model's head allows class-activation maps")
+    attention: Method = Field(description="how /annotate finds what the model looked at: the class "
+                                          "activation map when the head allows it, else occlusion")
     precision: str = Field(description="fp32 (model.onnx) or int8 (model.int8.onnx)")
+    allow_remote: bool = Field(description='whether {"url": ...} inputs are fetched (--allow-remote)')
+    settings: ServiceSettings = Field(description="the settings in force (defaults, then the bundle's "
+                                                  "settings.json, then the command line's flags)")
+
+
+class Reloaded(BaseModel):
+    status: str
+    name: str
+    version: str
+    previous_version: str
 
 
 class Status(BaseModel):
     status: str
 
 
-def errors(*statuses: int) -> dict:
-    return {status: {"model": ErrorResponse} for status in statuses}
+def errors(*statuses: int, public: bool = False) -> dict:
+    """Documented error answers; every route but the probes may answer 401 (when keys are on)."""
+    return {status: {"model": ErrorResponse} for status in (statuses if public else (401, *statuses))}
 
 
 IMAGE_ERRORS = errors(403, 404, 413, 415, 422, 503)
@@ -145,73 +165,6 @@ BATCH_BODY = {
 }
 
 
-class Metrics:
-    """Prometheus metrics on a registry of the app's own (several apps can live in one process)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("http_requests_total", "HTTP requests by route and status", ["route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("http_request_duration_seconds", "request latency by route", ["route"],
-                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=self.registry)
-        self.batch_sizes = Histogram("inference_batch_size", "images per ONNX Runtime call",
-                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
-        self.images = Counter("images_predicted_total", "images through the model", registry=self.registry)
-        self.queue_depth = Gauge("inference_queue_depth", "images waiting for a batch", registry=self.registry)
-
-
-class BodyLimit:
-    """ASGI middleware: a body over ``limit`` bytes is answered 413 (by Content-Length at once,
-    else when the streamed bytes pass the limit), before anything reads it all into memory."""
-
-    def __init__(self, app, limit: int) -> None:  # type: ignore[no-untyped-def]
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_large = ApiError(413, "too_large", f"request body is larger than {self.limit} bytes")
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.limit:
-            return await JSONResponse(too_large.body(), 413)(scope, receive, send)
-        seen = 0
-
-        async def limited():  # type: ignore[no-untyped-def]
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise too_large
-            return message
-
-        return await self.app(scope, limited, send)
-
-
-class Timing:
-    """ASGI middleware: request count by status and latency, labelled by route template."""
-
-    def __init__(self, app, metrics: Metrics, routes: set[str]) -> None:  # type: ignore[no-untyped-def]
-        self.app, self.metrics, self.routes = app, metrics, routes
-
-    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in self.routes else "other"
-        status, started = 500, time.perf_counter()
-
-        async def recorded(message):  # type: ignore[no-untyped-def]
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, recorded)
-        finally:
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
-
-
 def bundle_metrics(bundle: Bundle) -> ModelMetrics | None:
     """The metrics /metadata shows: None for a bundle that carries none (a model never evaluated, such
     as the benchmark's untrained one); metrics in another layout stop the service (one line)."""
@@ -226,11 +179,21 @@ def bundle_metrics(bundle: Bundle) -> ModelMetrics | None:
                           "version's export); re-export the model with `dvc repro` and release it again") from None
 
 
-def create_app(settings: Settings, bundle: Bundle | None = None) -> FastAPI:
-    bundle = bundle or Bundle.load(settings.bundle, settings.threads, spin=False,
-                                   precision=settings.precision)
+def create_app(settings: Settings, resolve: Callable[[], Settings] | None = None,
+               reload_on_sighup: bool = False) -> Service:
+    """The service on ``settings``. A reload builds it again on ``resolve()`` (default: the same
+    settings; `python -m serve` re-reads the bundle's settings and the key file). Raises
+    BundleError when the bundle cannot be served."""
+    metrics = Metrics()  # one registry for the process: counters go on across reloads
+    return Service(build_app(settings, metrics), lambda: build_app((resolve or (lambda: settings))(), metrics),
+                   reload_on_sighup)
+
+
+def build_app(settings: Settings, metrics: Metrics) -> FastAPI:
+    """One bundle's app: its batcher, routes and middleware."""
+    bundle = Bundle.load(settings.bundle, settings.threads, spin=False, precision=settings.precision)
     model_metrics = bundle_metrics(bundle)
-    metrics = Metrics()
+    method = method_of(bundle)
     state: dict = {}
 
     def on_batch(size: int) -> None:
@@ -290,11 +253,29 @@ def create_app(settings: Settings, bundle: Bundle | None = None) -> FastAPI:
             original, pixels, geometry = await asyncio.to_thread(
                 decode, data, bundle.image_size, bundle.pad_color, bundle.resample, settings.max_pixels)
         try:  # no await between leaving `coming` and queueing: the batcher never misses this image
-            probabilities, features = await batcher.submit(pixels, with_features)
+            answer = await batcher.submit(pixels, with_features)
         except QueueFull as exc:
-            raise ApiError(503, "overloaded", f"too many images waiting ({exc}); retry shortly",
-                           {"Retry-After": "1"}) from None
-        return original, geometry, probabilities, features
+            raise overloaded(exc) from None
+        note_batch(answer.batch_size)
+        return original, pixels, geometry, answer.probabilities, answer.features
+
+    def overloaded(exc: QueueFull) -> ApiError:
+        return ApiError(503, "overloaded", f"too many images waiting ({exc}); retry shortly", {"Retry-After": "1"})
+
+    async def predict_copies(copies: np.ndarray) -> np.ndarray:
+        """Probabilities of several images of one request (occlusion's masked copies), through the
+        batcher like any other image: they share batches and the queue's limit."""
+        batcher: Batcher | None = state.get("batcher")
+        if batcher is None:
+            raise ApiError(503, "not_ready", "the service is starting or stopping", {"Retry-After": "1"})
+        answers = []
+        for start in range(0, len(copies), settings.max_queue):  # never more than the queue holds at once
+            try:
+                answers += await asyncio.gather(*(batcher.submit(copy)
+                                                  for copy in copies[start:start + settings.max_queue]))
+            except QueueFull as exc:
+                raise overloaded(exc) from None
+        return np.stack([answer.probabilities for answer in answers])
 
     def prediction(probabilities: np.ndarray, top_k: int | None) -> Prediction:
         order = np.argsort(-probabilities, kind="stable")[:top_k]
@@ -307,24 +288,27 @@ def create_app(settings: Settings, bundle: Bundle | None = None) -> FastAPI:
     async def healthz() -> Status:
         return Status(status="ok")
 
-    @app.get("/readyz", response_model=Status, responses=errors(503), summary="the model is loaded and batching")
+    @app.get("/readyz", response_model=Status, responses=errors(503, public=True),
+             summary="the model is loaded and batching (503 while starting or draining)")
     async def readyz() -> Status:
-        if "batcher" not in state:
+        if "batcher" not in state or app.state.service.draining:
             raise ApiError(503, "not_ready", "the service is starting or stopping", {"Retry-After": "1"})
         return Status(status="ready")
 
-    @app.get("/metadata", response_model=Metadata, summary="the model behind the service")
+    @app.get("/metadata", response_model=Metadata, responses=errors(), summary="the model behind the service")
     async def metadata() -> Metadata:
         return Metadata(name=bundle.name, version=bundle.version, labels=bundle.labels,
                         input_size=bundle.image_size, metrics=model_metrics,
                         dataset=str(bundle.metadata.get("dataset", "")),
-                        class_activation_maps=bundle.cam_weights is not None, precision=bundle.precision)
+                        class_activation_maps=bundle.cam_weights is not None, attention=method,
+                        precision=bundle.precision, allow_remote=settings.remote.enabled,
+                        settings=ServiceSettings(**settings.public()))
 
     @app.post("/predict", response_model=Prediction, responses=IMAGE_ERRORS, openapi_extra=IMAGE_BODY,
               summary="classify one image (multipart field 'image', or JSON image_base64 / url / path)")
     async def predict(request: Request, top_k: int | None = Query(None, ge=1)) -> Prediction:
         data, json_top_k = await image_bytes(request)
-        _, _, probabilities, _ = await predict_bytes(data)
+        _, _, _, probabilities, _ = await predict_bytes(data)
         return prediction(probabilities, top_k or json_top_k)
 
     @app.post("/predict/batch", response_model=BatchResponse, responses=errors(413, 415, 422, 503),
@@ -347,36 +331,51 @@ def create_app(settings: Settings, bundle: Bundle | None = None) -> FastAPI:
 
         async def one(index: int, upload) -> Prediction | ErrorResponse:  # type: ignore[no-untyped-def]
             try:
-                _, _, probabilities, _ = await predict_bytes(await upload_bytes(upload, "images"))
+                _, _, _, probabilities, _ = await predict_bytes(await upload_bytes(upload, "images"))
                 return prediction(probabilities, top_k)
             except ApiError as exc:  # this image's own error; the others are still answered
                 return ErrorResponse.model_validate(exc.named(f"images[{index}]").body())
 
         return BatchResponse(results=list(await asyncio.gather(*(one(i, u) for i, u in enumerate(uploads)))))
 
-    @app.post("/annotate", responses={200: {"content": {"image/png": {}}, "description": "annotated PNG"},
-                                      409: {"model": ErrorResponse}, **IMAGE_ERRORS},
+    @app.post("/annotate", responses={200: {"content": {"image/png": {}}, "description": "annotated PNG",
+                                            "headers": {METHOD_HEADER: {
+                                                "description": "class_activation_map or occlusion",
+                                                "schema": {"type": "string"}}}},
+                                      **IMAGE_ERRORS},
               response_class=Response, openapi_extra=IMAGE_BODY,
-              summary="the image with its class-activation heatmap, a box and the label (PNG)")
+              summary="the image with a heatmap of what the model looked at, a box and the label (PNG)")
     async def annotate(request: Request) -> Response:
         data, _ = await image_bytes(request)
-        if bundle.cam_weights is None:
-            raise ApiError(409, "no_activation_maps", f"model {bundle.name} has no global-pooling head, so no "
-                                                      "class-activation maps")
-        original, geometry, probabilities, features = await predict_bytes(data, with_features=True)
+        cam = method == "class_activation_map"
+        original, pixels, geometry, probabilities, features = await predict_bytes(data, with_features=cam)
         best = int(np.argmax(probabilities))
-        cam = bundle.class_activation_map(features, best)
-        png = await asyncio.to_thread(draw_annotation, original, cam, geometry, bundle.image_size,
+        heat = await attention_map(bundle, pixels, features, best, predict_copies, geometry=geometry)
+        png = await asyncio.to_thread(draw_annotation, original, heat, geometry, bundle.image_size,
                                       bundle.labels[best], float(probabilities[best]))
-        return Response(png, media_type="image/png")
+        return Response(png, media_type="image/png", headers={METHOD_HEADER: method})
+
+    @app.post("/admin/reload", response_model=Reloaded, responses=errors(409),
+              summary="load the bundle again (after `dvc pull model.dvc`) and switch to it when ready")
+    async def reload() -> Reloaded:
+        try:
+            new = (await app.state.service.reload()).state.bundle
+        except ReloadError as exc:
+            raise ApiError(409, "reload_failed", f"the bundle did not load, {bundle.name} {bundle.version} goes "
+                                                 f"on serving: {exc}") from None
+        return Reloaded(status="reloaded", name=new.name, version=new.version, previous_version=bundle.version)
 
     @app.get("/metrics", response_class=Response, summary="Prometheus metrics",
-             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}, **errors()})
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    add_page(app)
     routes = {route.path for route in app.routes}
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, upload_timeout=settings.upload_timeout)
+    app.add_middleware(KeyCheck, keys=settings.api_keys, public=(*PROBES, *PUBLIC_PATHS),
+                       public_prefixes=PUBLIC_PREFIXES)
     app.add_middleware(Timing, metrics=metrics, routes=routes)
-    app.state.bundle, app.state.metrics = bundle, metrics
+    app.add_middleware(AccessLog, routes=routes, model_version=bundle.version)  # outermost: logs every answer
+    app.state.bundle, app.state.metrics, app.state.settings = bundle, metrics, settings
     return app

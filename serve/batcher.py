@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,6 +29,12 @@ class _Item:
     pixels: np.ndarray
     with_features: bool
     future: asyncio.Future
+
+
+class Answer(NamedTuple):
+    probabilities: np.ndarray
+    features: np.ndarray | None
+    batch_size: int  # images in the ONNX Runtime call this one ran in
 
 
 RunBatch = Callable[[np.ndarray, bool], tuple[np.ndarray, np.ndarray | None]]
@@ -79,8 +86,8 @@ class Batcher:
             if not item.future.done():
                 item.future.set_exception(QueueFull("the service is shutting down"))
 
-    async def submit(self, pixels: np.ndarray, with_features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """One image's (probabilities, features or None)."""
+    async def submit(self, pixels: np.ndarray, with_features: bool = False) -> Answer:
+        """One image's probabilities, features (or None) and the size of the batch it ran in."""
         future = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait(_Item(pixels, with_features, future))
@@ -125,4 +132,5 @@ class Batcher:
             self.on_batch(len(items))
             for i, item in enumerate(items):
                 if not item.future.done():
-                    item.future.set_result((probabilities[i], None if features is None else features[i]))
+                    item.future.set_result(Answer(probabilities[i], None if features is None else features[i],
+                                                  len(items)))

@@ -20,7 +20,7 @@ def test_a_lone_image_is_not_held_for_company():
         batcher = Batcher(run_batch, max_batch=8, max_wait_ms=600_000, on_batch=sizes.append)  # ten minutes
         batcher.start()
         try:  # were it held for max_wait_ms, this would time out
-            probabilities, _ = await asyncio.wait_for(batcher.submit(np.full((2, 2, 3), 1, np.uint8)), 30)
+            probabilities, _, _ = await asyncio.wait_for(batcher.submit(np.full((2, 2, 3), 1, np.uint8)), 30)
         finally:
             await batcher.stop()
         assert probabilities[0] == 12

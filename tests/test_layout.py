@@ -14,8 +14,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("imgpipe", "stages", "serve", "tools")  # the project's own top-level packages
 # What the service may use of the library: no TensorFlow, Keras, DVC or AutoKeras behind any of them.
-SERVICE_LIBRARY = {"imgpipe/__init__.py", "imgpipe/bundle.py", "imgpipe/cli.py", "imgpipe/errors.py",
-                   "imgpipe/files.py", "imgpipe/images.py", "imgpipe/logs.py"}
+SERVICE_LIBRARY = {"imgpipe/__init__.py", "imgpipe/bundle.py", "imgpipe/cli.py", "imgpipe/deadline.py",
+                   "imgpipe/errors.py", "imgpipe/files.py", "imgpipe/images.py", "imgpipe/logs.py"}
 TRAINING_STACK = {"tensorflow", "keras", "autokeras", "keras_tuner", "tf2onnx", "dvc", "neptune"}
 
 

@@ -78,19 +78,23 @@ def test_params_yaml_lists_every_parameter_with_the_code_default():
     assert {key: value for key, value in written.items() if value != defaults[key]} == {}
 
 
-def test_the_service_and_the_serve_section_share_their_defaults():
-    """`python -m serve`, serve.app.Settings and params.yaml's serve: start from one definition."""
-    from imgpipe.bundle import SERVING
+def test_the_service_and_the_serve_section_share_their_defaults(tmp_path):
+    """`python -m serve`, serve.settings.Settings and params.yaml's serve: start from one definition;
+    the flags only override (None when not given), so the bundle's settings.json can count."""
+    from imgpipe.bundle import BUNDLE_SETTINGS, SERVING
     from serve.__main__ import parse_args
-    from serve.app import Settings
+    from serve.settings import Settings, resolve
 
-    flags = parse_args([])
-    settings = Settings(bundle=Path("."))
+    flags = vars(parse_args([]))
+    settings, resolved = Settings(bundle=Path(".")), resolve(tmp_path)  # a bundle without settings.json
     serve_section = Params().serve
-    for name in ("max_batch", "max_wait_ms", "max_queue"):
-        assert getattr(flags, name) == getattr(settings, name) == getattr(serve_section, name) == getattr(SERVING, name)
-    for name in ("max_body_bytes", "max_pixels", "threads", "workers", "precision"):
-        assert getattr(flags, name) == getattr(settings, name) == getattr(SERVING, name)
+    for name in BUNDLE_SETTINGS:
+        assert getattr(settings, name) == getattr(resolved, name) == getattr(serve_section, name) \
+            == getattr(SERVING, name)
+        assert flags[name] is None
+    for name in ("max_batch_images", "threads", "workers", "precision", "upload_timeout"):
+        assert getattr(settings, name) == getattr(resolved, name) == getattr(SERVING, name)
+    assert resolved.remote.timeout == SERVING.remote_timeout and flags["drain_seconds"] == SERVING.drain_seconds
 
 
 def test_splits_that_leave_no_training_images_are_one_line_errors(tmp_path):

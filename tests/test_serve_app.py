@@ -133,12 +133,6 @@ def test_annotate_draws_on_the_original_size(served, bundles):
     assert (annotated == [255, 0, 0]).all(axis=2).any()  # the box
 
 
-def test_annotate_without_activation_maps_is_a_409(bundles):
-    with running(create_app(Settings(bundle=bundles["flat"]))) as url:
-        response = httpx.post(url + "/annotate", files={"image": ("x.png", png(), "image/png")})
-    error(response, 409, "no_activation_maps")
-
-
 @pytest.mark.parametrize(("kwargs", "status", "code"), [
     ({"content": b"x" * 300_000, "headers": {"content-type": "application/json"}}, 413, "too_large"),
     ({"files": {"image": ("big.png", images.encode(Image.new("RGB", (400, 400)), "PNG"), "image/png")}}, 422,

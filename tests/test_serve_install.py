@@ -194,6 +194,17 @@ def test_annotate_draws_what_the_service_code_draws_here(service, bundles):
 
 
 @pytest.mark.slow
+def test_the_page_at_root_is_installed_with_the_service(service):
+    client, _ = service
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), page.text
+    assert 'src="page/page.js"' in page.text
+    for asset, kind in (("page.js", "javascript"), ("page.css", "text/css"), ("icon.svg", "image/svg+xml")):
+        response = client.get(f"/page/{asset}")
+        assert response.status_code == 200 and kind in response.headers["content-type"], (asset, response.text)
+
+
+@pytest.mark.slow
 def test_the_running_service_never_loaded_tensorflow(service):
     _, pid = service
     maps = Path(f"/proc/{pid}/maps").read_text()

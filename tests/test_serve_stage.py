@@ -14,9 +14,11 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from imgpipe.bundle import BUNDLE_SETTINGS
 from imgpipe.cli import StageError
 from serve import predict_folder
 from serve.bundle import Bundle
+from serve.settings import resolve
 from stages import serve as serve_stage
 from tests import images
 from tools import release
@@ -66,6 +68,10 @@ def test_serve_picks_the_best_model_writes_triton_and_checks_http(tmp_path, expo
         assert metrics["http_accuracy"][split] == pytest.approx(metrics["offline_accuracy"][split], abs=1e-6)
     assert metrics["agreement_with_onnxruntime"] == 1.0 and metrics["max_abs_diff_onnxruntime"] <= 1e-5
     assert (tmp_path / "serving" / "model.onnx").read_bytes() == (exported / best / "model.onnx").read_bytes()
+    # The settings the check ran with are in the bundle: `python -m serve` starts with them.
+    written = json.loads((tmp_path / "serving" / "settings.json").read_text())
+    assert written["max_batch"] == 4 and set(written) == set(BUNDLE_SETTINGS)
+    assert resolve(tmp_path / "serving").max_batch == 4 and resolve(tmp_path / "serving", max_batch=2).max_batch == 2
     timings = json.loads((tmp_path / "timings.json").read_text())
     assert timings["images_per_second"] > 0 and timings["p99_ms"] >= timings["p50_ms"] > 0
 
@@ -179,7 +185,17 @@ def test_predict_folder_lists_every_file_with_a_label_or_a_reason(tmp_path, bund
 
 
 def test_service_cli_refuses_a_missing_bundle_or_bad_switches_in_one_line(tmp_path, bundles):
-    for flags, expected in ((["--bundle", str(tmp_path)], "not a serving bundle"),
+    bad_settings = tmp_path / "bad-settings"
+    shutil.copytree(bundles["cam"], bad_settings)
+    (bad_settings / "settings.json").write_text('{"max_batch": 0}')
+    (tmp_path / "short-keys").write_text("# a comment\nshort\n")
+    cam = str(bundles["cam"])
+    for flags, expected in ((["--bundle", str(bad_settings)], "settings.json: max_batch: Input should be greater"),
+                            (["--bundle", cam, "--api-key-file", str(tmp_path / "none")],
+                             f"--api-key-file {tmp_path / 'none'}: cannot be read"),
+                            (["--bundle", cam, "--api-key-file", str(tmp_path / "short-keys")],
+                             "key 1 is shorter than 16 characters"),
+                            (["--bundle", str(tmp_path)], "not a serving bundle"),
                             (["--bundle", str(bundles["cam"]), "--precision", "int8"], "has no int8 variant"),
                             (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
                             (["--bundle", str(tmp_path), "--remote-allow-cidr", "nonsense"], "--remote-allow-cidr"),

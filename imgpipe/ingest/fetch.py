@@ -2,13 +2,13 @@
 
 requests' timeouts bound each socket operation, not a whole download: a server that sends one
 byte every few seconds, or trickles its headers, resets the read timeout forever. So every
-fetch also has a total deadline, enforced by one watchdog thread that shuts down the sockets of
-any fetch still running when its deadline passes; the blocked read then returns at once.
+fetch also has a total deadline (``imgpipe.deadline``, shared with the prediction service):
+urllib3's connections attach their sockets to it, and its watchdog shuts them down when the
+deadline passes; the blocked read then returns at once.
 """
 
 from __future__ import annotations
 
-import heapq
 import http.client
 import itertools
 import os
@@ -16,7 +16,6 @@ import random
 import socket
 import ssl
 import stat
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
+from imgpipe.deadline import current, deadline
 from imgpipe.ingest.drops import Drop
 
 CHUNK = 64 * 1024
@@ -62,93 +62,14 @@ def read_local(path: Path, max_bytes: int) -> bytes:
     return data
 
 
-# --- deadline enforcement ------------------------------------------------------------------
-
-_current = threading.local()
-
-
-class _Guard:
-    """The sockets one fetch uses; ``expire`` cuts them all."""
-
-    def __init__(self, deadline_at: float) -> None:
-        self.deadline_at = deadline_at
-        self.expired = False
-        self.finished = False
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def attach(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.append(sock)
-            if self.expired:
-                _shutdown(sock)
-
-    def expire(self) -> None:
-        with self._lock:
-            if self.finished:
-                return
-            self.expired = True
-            for sock in self._sockets:
-                _shutdown(sock)
-
-    def finish(self) -> None:
-        with self._lock:
-            self.finished = True
-            self._sockets.clear()
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # already closed
-
-
-class _Watchdog:
-    """One thread, one heap of deadlines: expires guards whose fetch is still running."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, _Guard]] = []
-        self._order = itertools.count()
-        self._cond = threading.Condition()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="fetch-watchdog", daemon=True)
-        self._thread.start()
-
-    def watch(self, guard: _Guard) -> None:
-        with self._cond:
-            # Deadlines mostly arrive in increasing order: wake the thread only for a new earliest one.
-            earliest = not self._heap or guard.deadline_at < self._heap[0][0]
-            heapq.heappush(self._heap, (guard.deadline_at, next(self._order), guard))
-            if earliest:
-                self._cond.notify()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        self._thread.join()
-
-    def _run(self) -> None:
-        with self._cond:
-            while not self._stopped:
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                deadline_at, _, guard = self._heap[0]
-                wait = deadline_at - time.monotonic()
-                if wait > 0:
-                    self._cond.wait(wait)
-                    continue
-                heapq.heappop(self._heap)
-                guard.expire()  # no-op when the fetch already finished
+# --- deadline enforcement: urllib3 connections hand their sockets to the running deadline ------
 
 
 class _GuardedConnection:
     """Mixed into urllib3's connections: hand the socket to the running fetch's guard."""
 
     def getresponse(self):  # type: ignore[no-untyped-def]
-        guard = getattr(_current, "guard", None)
+        guard = current()
         if guard is not None and self.sock is not None:  # type: ignore[attr-defined]
             guard.attach(self.sock)  # type: ignore[attr-defined]
         return super().getresponse()  # type: ignore[misc]
@@ -256,10 +177,8 @@ class Fetcher:
         adapter = _GuardedAdapter(pool_connections=max(workers, 10), pool_maxsize=workers)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self._watchdog = _Watchdog()
 
     def close(self) -> None:
-        self._watchdog.stop()
         self.session.close()
 
     def fetch(self, url: str) -> bytes:
@@ -283,41 +202,37 @@ class Fetcher:
 
     def _attempt(self, url: str, deadline_at: float) -> bytes:
         limits = self.limits
-        guard = _Guard(deadline_at)
-        self._watchdog.watch(guard)
-        _current.guard = guard
-        try:
-            with self.session.get(url, stream=True, timeout=(limits.connect_timeout, limits.read_timeout)) as resp:
-                status = resp.status_code
-                if status == 429 or status >= 500:
-                    raise _Retry("http_error", f"HTTP {status}", retry_after(resp, limits.retry_after_cap))
-                if status in (404, 410):
-                    raise Drop("not_found", f"HTTP {status}")
-                if not 200 <= status < 300:
-                    raise Drop("http_error", f"HTTP {status}")
-                body = self._read_body(resp)
-        except requests.TooManyRedirects:
-            raise Drop("too_many_redirects", f"more than {limits.max_redirects} redirects") from None
-        except requests.exceptions.InvalidSchema:
-            raise Drop("unsupported_scheme", "redirected to a URL that is not http(s)") from None
-        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, UnicodeError,
-                urllib3.exceptions.LocationParseError):
-            raise Drop("invalid_url", "the URL (or a redirect target) cannot be parsed") from None
-        except requests.exceptions.ContentDecodingError:
-            raise Drop("http_error", "Content-Encoding could not be decoded") from None
-        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, requests.Timeout) as exc:
-            if guard.expired:
-                raise Drop("timeout", f"not finished within the {limits.deadline:g} s deadline") from None
-            if isinstance(exc, requests.ReadTimeout) or (
-                isinstance(exc, requests.ConnectionError) and "Read timed out" in str(exc)
-            ):
-                raise Drop("timeout", f"no data for {limits.read_timeout:g} s (download.read_timeout)") from None
-            raise _Retry("connection_error", describe_network_error(exc)) from None
-        except requests.RequestException as exc:  # anything else requests can say about one URL
-            raise Drop("connection_error", f"request failed ({type(exc).__name__})") from None
-        finally:
-            guard.finish()
-            _current.guard = None
+        # Every attempt is watched against the one deadline of the whole fetch, retries included.
+        with deadline(limits.deadline, started=deadline_at - limits.deadline) as guard:
+            try:
+                with self.session.get(url, stream=True, timeout=(limits.connect_timeout, limits.read_timeout)) as resp:
+                    status = resp.status_code
+                    if status == 429 or status >= 500:
+                        raise _Retry("http_error", f"HTTP {status}", retry_after(resp, limits.retry_after_cap))
+                    if status in (404, 410):
+                        raise Drop("not_found", f"HTTP {status}")
+                    if not 200 <= status < 300:
+                        raise Drop("http_error", f"HTTP {status}")
+                    body = self._read_body(resp)
+            except requests.TooManyRedirects:
+                raise Drop("too_many_redirects", f"more than {limits.max_redirects} redirects") from None
+            except requests.exceptions.InvalidSchema:
+                raise Drop("unsupported_scheme", "redirected to a URL that is not http(s)") from None
+            except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, UnicodeError,
+                    urllib3.exceptions.LocationParseError):
+                raise Drop("invalid_url", "the URL (or a redirect target) cannot be parsed") from None
+            except requests.exceptions.ContentDecodingError:
+                raise Drop("http_error", "Content-Encoding could not be decoded") from None
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, requests.Timeout) as exc:
+                if guard.expired:
+                    raise Drop("timeout", f"not finished within the {limits.deadline:g} s deadline") from None
+                if isinstance(exc, requests.ReadTimeout) or (
+                    isinstance(exc, requests.ConnectionError) and "Read timed out" in str(exc)
+                ):
+                    raise Drop("timeout", f"no data for {limits.read_timeout:g} s (download.read_timeout)") from None
+                raise _Retry("connection_error", describe_network_error(exc)) from None
+            except requests.RequestException as exc:  # anything else requests can say about one URL
+                raise Drop("connection_error", f"request failed ({type(exc).__name__})") from None
         if guard.expired:
             raise Drop("timeout", f"not finished within the {limits.deadline:g} s deadline")
         return body

@@ -327,14 +327,39 @@ def test_experiments_are_listed_by_dvc_and_by_compare(tiny_repo):
     page = (tiny_repo / "exp-plots" / "index.html").read_text()
     assert all(name in page for name in rates) and "Loss per epoch" in page
 
-    table = subprocess.run([sys.executable, "-m", "tools.compare", "--params",
-                            "parameters/train/resnet/learning_rate"],
-                           cwd=tiny_repo, env=venv_env(), capture_output=True, text=True, check=True).stdout
-    rows = [line.split() for line in table.splitlines()[2:]]
-    by_experiment = {row[3]: row for row in rows if row[0] == "resnet50v2" and row[3] in rates}
-    assert set(by_experiment) == set(rates), table
-    for name, rate in rates.items():
-        assert float(by_experiment[name][5]) == float(rate), table
+    def compare(*flags: str) -> list[list[str]]:  # the table in a 100-column terminal, as header and rows
+        from tests.test_compare_table import grid
+
+        table = subprocess.run([sys.executable, "-m", "tools.compare", *flags], cwd=tiny_repo,
+                               env={**venv_env(), "COLUMNS": "100"}, capture_output=True, text=True, check=True)
+        assert max(map(len, table.stdout.splitlines())) <= 100 and not table.stderr, table.stdout + table.stderr
+        return grid(table.stdout)
+
+    header, *rows = compare()
+    assert set(rates) <= {row[header.index("experiment")] for row in rows if row[0] == "resnet50v2"}
+    header, *rows = compare("--experiment", "lr-high", "--params", "resnet.learning_rate")
+    assert {row[header.index("experiment")] for row in rows} == {"lr-high"}
+    assert [float(row[header.index("learning_rate")]) for row in rows if row[0] == "resnet50v2"] == [0.003]
+
+    # The report of every run of the sweep, opened in the browser: each run in the table and in each chart.
+    from tests.browser import chromium
+    from tools.compare import find_runs
+
+    subprocess.run([sys.executable, "-m", "tools.compare", "--html", "compare.html"], cwd=tiny_repo, env=venv_env(),
+                   capture_output=True, text=True, check=True)
+    runs = find_runs(tiny_repo / ".neptune")
+    report = tiny_repo / "compare.html"
+    with chromium() as browser:
+        page = browser.page(width=1280, height=900)
+        page.goto(report.as_uri())
+        assert browser.foreign_requests() == [report.as_uri()]  # the file itself, and nothing else
+        assert page.locator("table.runs tbody tr").count() == len(runs) >= 4
+        for chart in page.locator("figure.series").all():
+            if chart.get_attribute("data-series", timeout=1000).startswith("train/"):
+                for run in runs:
+                    assert chart.locator(f'.legend [data-run="{run.run_id}"]').count() == 1, run.run_id
+        assert page.evaluate("document.scrollingElement.scrollWidth <= innerWidth")
+        page.screenshot(path=str(tiny_repo / "compare.png"), full_page=True)
 
     dvc(tiny_repo, "exp", "apply", "lr-high")  # keep the winner (then `dvc repro` exports it)
     assert "learning_rate: 0.003" in (tiny_repo / "params.yaml").read_text()

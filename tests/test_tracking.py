@@ -7,7 +7,9 @@ import logging
 import pytest
 
 from imgpipe.cli import StageError
+from imgpipe.errors import ParamsError
 from imgpipe.training.tracking import Tracker
+from tests.test_compare_table import grid
 from tools import compare
 
 
@@ -54,36 +56,33 @@ def test_offline_runs_are_replayed_and_compared(workdir, capsys):
         "metrics/beats_baseline": True, "metrics/best_epoch": 3, "metrics/epochs_run": 3}
 
     capsys.readouterr()  # Neptune's own log lines so far
-    compare.main(["--sort", "metrics/val/macro_f1", "--chart", "curves.html"])
-    lines = capsys.readouterr().out.splitlines()
-    header = lines[0].split()
-    assert header[:5] == ["run", "id", "created", "experiment", "tags"]
-    assert "parameters/optimizer/lr" in header
-    assert "parameters/head" not in header  # the same in every run: not a difference worth a column
-    # By default val and test side by side, and the guard's verdict; nothing else of metrics/.
-    assert [key for key in header if key.startswith("metrics/")] == compare.DEFAULT_METRICS == [
-        "metrics/val/accuracy", "metrics/test/accuracy", "metrics/val/macro_f1", "metrics/test/macro_f1",
-        "metrics/beats_baseline"]
-    fast_row, slow_row = lines[2].split(), lines[3].split()
-    assert fast_row[0] == "fast" and fast_row[-5:] == ["0.9400", "0.9200", "0.9300", "0.9100", "yes"]
-    assert slow_row[0] == "slow" and slow_row[-5:] == ["0.5600", "0.5300", "0.5500", "0.5200", "no"]
-    html = (workdir / "curves.html").read_text()
-    assert "data:image/png;base64," in html and "fast" in html
+    compare.main(["--sort", "metrics/val/macro_f1", "--html", "curves.html"])
+    out = capsys.readouterr().out
+    # By default val and test side by side, and the guard's verdict; then what differs, under a short name.
+    assert compare.DEFAULT_METRICS == ["metrics/val/accuracy", "metrics/test/accuracy", "metrics/val/macro_f1",
+                                       "metrics/test/macro_f1", "metrics/beats_baseline"]
+    header, fast_row, slow_row = grid(out)
+    assert header == ["run", "id", "experiment", "val acc", "test acc", "val F1", "test F1", "beats", "lr"]
+    assert "lr = parameters/optimizer/lr" in out  # parameters/head: the same in every run, no column
+    assert fast_row[0] == "fast" and fast_row[3:] == ["0.94", "0.92", "0.93", "0.91", "yes", "0.1"]
+    assert slow_row[0] == "slow" and slow_row[3:] == ["0.56", "0.53", "0.55", "0.52", "no", "0.01"]
+    assert "fast" in (workdir / "curves.html").read_text()
 
     # Sorting follows the metric asked for: slow's test macro-F1 is lower, so --sort on it keeps fast first,
     # and the other final metrics are there on request.
     compare.main(["--sort", "metrics/test/macro_f1", "--metrics", "metrics/best_epoch", "metrics/val/macro_f1"])
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[-2:] == ["metrics/best_epoch", "metrics/val/macro_f1"]
-    assert lines[2].split()[0] == "fast" and lines[2].split()[-2:] == ["3", "0.9300"]
-    compare.main(["--metrics", "all"])
-    header = capsys.readouterr().out.splitlines()[0].split()
-    assert [key for key in header if key.startswith("metrics/")] == sorted(compare.final_metrics(fast))
+    header, fast_row, _ = grid(capsys.readouterr().out)
+    assert header[3:] == ["best_epoch", "val F1", "lr"]
+    assert fast_row[0] == "fast" and fast_row[3:5] == ["3", "0.93"]
+    compare.main(["--metrics", "all", "--wide"])
+    header = grid(capsys.readouterr().out)[0]
+    assert [key for key in header if key.startswith("metrics/")] == [
+        *compare.DEFAULT_METRICS, *sorted(set(compare.final_metrics(fast)) - set(compare.DEFAULT_METRICS))]
 
 
 def test_sorting_by_a_metric_no_run_has_is_a_clear_error(workdir):
     record_run("fast", 0.1, [1.0], val=(0.9, 0.9), test=(0.9, 0.9))
-    with pytest.raises(StageError, match=r"--sort metrics/macro_f1: no run has this final metric .*metrics/val/"):
+    with pytest.raises(ParamsError, match=r"--sort metrics/macro_f1: no run has this final metric .*metrics/val/"):
         compare.main(["--sort", "metrics/macro_f1"])  # the name before val and test were apart
 
 
@@ -100,7 +99,7 @@ def test_runs_of_dvc_experiments_land_in_the_repository_and_carry_the_experiment
     assert run.experiment == "lr-sweep-1"
     capsys.readouterr()
     compare.main(["--neptune-dir", str(repo / ".neptune")])
-    assert capsys.readouterr().out.splitlines()[2].split()[3] == "lr-sweep-1"
+    assert grid(capsys.readouterr().out)[1][2] == "lr-sweep-1"
 
 
 def test_compare_without_runs_is_a_clear_error(workdir):

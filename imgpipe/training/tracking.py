@@ -67,7 +67,7 @@ def _init_run(neptune, **kwargs):  # type: ignore[no-untyped-def]
             os.environ["NEPTUNE_DATA_DIRECTORY"] = before
 
 
-def _import_neptune():  # type: ignore[no-untyped-def]
+def import_neptune():  # type: ignore[no-untyped-def]
     """neptune-client, without its start-up lines: the package's deprecation notice (we use it on
     purpose, for its offline mode) and "Neptune initialized" (the stage's summary names the run).
 
@@ -94,7 +94,7 @@ class Tracker:
         try:
             if mode not in MODES:
                 raise ValueError(f"NEPTUNE_MODE={mode!r} is not one of {sorted(MODES)}")
-            neptune = _import_neptune()
+            neptune = import_neptune()
             self.run = _init_run(
                 neptune,
                 project=os.environ.get("NEPTUNE_PROJECT", DEFAULT_PROJECT),
@@ -147,7 +147,11 @@ class Tracker:
         self._guard(lambda run: run[path].append(float(value), step=step))
 
     def upload(self, path: str, file: Path) -> None:
-        self._guard(lambda run: run[path].upload(str(file)))
+        """Keep a copy of ``file`` in the run (offline: in its folder's upload_path/). A path alone
+        would point at the workspace's file, which the next run or DVC experiment overwrites."""
+        from neptune.types import File
+
+        self._guard(lambda run: run[path].upload(File.from_content(file.read_bytes(), extension=file.suffix[1:])))
 
     def stop(self) -> None:
         self._guard(lambda run: run.stop())

@@ -281,8 +281,11 @@ def test_cluster_runs_tasks_on_both_nodes_in_order_on_loopback_only(cluster, tmp
     markers = tmp_path / "markers"
     markers.mkdir()
     proc = start_driver(cluster.env, "map", cluster.address, "40", str(markers))
-    # The first tasks hold the head's CPU until released: Ray has to send some to the worker node.
+    # Each started task holds its node's one CPU until released, so Ray has to send tasks to both
+    # nodes; which one gets the first is Ray's choice (a busy CI machine has seen the worker get
+    # it while the head was still starting its worker process), so wait for a task on each.
     wait_for_start(markers, "worker", proc)
+    wait_for_start(markers, "head", proc)
     # With tasks running on both nodes: every socket of the cluster (the driver, the nodes'
     # daemons and workers) listens on loopback.
     owned = cluster.owned()

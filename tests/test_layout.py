@@ -5,7 +5,10 @@ the TensorFlow-free corner of imgpipe), and stages/ holds only the stages dvc.ya
 from __future__ import annotations
 
 import ast
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,6 +107,21 @@ def test_every_imported_project_file_is_a_dependency_of_the_stage(stage):
     for dep in deps:  # code the stage lists exists (data and build/ outputs may not be there yet)
         if dep.split("/")[0] in PACKAGES:
             assert (ROOT / dep).exists(), f"{stage}: dependency {dep} does not exist"
+
+
+def test_the_committed_lock_records_the_committed_code_and_params(tmp_path):
+    """dvc.lock holds the hash of every file and parameter each stage ran with. One edited without
+    `dvc repro` leaves its stages stale: a clone would rerun them, and the released bundle would
+    name code it was not built from. Checked on a copy of the pipeline files alone, so what DVC
+    finds changed there is code or params (data and outputs are absent, which DVC calls deleted)."""
+    from tests.test_demo_pipeline import copy_pipeline
+
+    repo = copy_pipeline(tmp_path)
+    status = subprocess.run([str(Path(sys.executable).parent / "dvc"), "status", "--json"], cwd=repo,
+                            capture_output=True, text=True, timeout=120, check=True)
+    stale = {f"{stage} {dep}": change for stage, entries in json.loads(status.stdout).items() for entry in entries
+             for dep, change in entry.get("changed deps", {}).items() if change != "deleted"}
+    assert stale == {}, "changed since dvc.lock was written: run `dvc repro` and commit dvc.lock"
 
 
 def test_the_closure_follows_lazy_imports_and_parent_packages():

@@ -20,6 +20,7 @@ from serve.bundle import Bundle
 from serve.remote import RemotePolicy
 from serve.running import running
 from tests import images
+from tests.serving import error
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +33,6 @@ def served(bundles, tmp_path_factory):
     app = create_app(settings)
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         yield client, app, root
-
-
-def error(response: httpx.Response, status: int, code: str) -> str:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and body["error"]["code"] == code, body
-    return body["error"]["message"]
 
 
 def png(seed: int = 0, size: tuple[int, int] = (48, 40)) -> bytes:

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from tests import images
-from tests.test_serve_operations import Load, copy_bundle
+from tests.serving import Load, copy_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 

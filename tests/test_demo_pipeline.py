@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.pipeline import ROOT, copy_pipeline, dvc, venv_env
 from tests.shard_files import kept_images
 from tools import demo_data
-
-ROOT = Path(__file__).resolve().parents[1]
-PIPELINE_FILES = ["dvc.yaml", "dvc.lock", "params.yaml", "data.dvc", ".dvcignore", ".dvc/config", ".dvc/.gitignore",
-                  ".gitignore", "stages", "imgpipe", "serve", "tools", "notebooks"]
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -42,37 +37,12 @@ def test_demo_data_refuses_to_overwrite_without_force(tmp_path):
         demo_data.main(["--out", str(tmp_path / "data")])
 
 
-def copy_pipeline(repo: Path) -> Path:
-    """A git repository holding this project's pipeline files (no data, no outputs)."""
-    for name in PIPELINE_FILES:
-        source, target = ROOT / name, repo / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, target)
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    return repo
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     """A git + DVC repository holding this project's pipeline files and freshly generated demo data."""
     repo = copy_pipeline(tmp_path_factory.mktemp("repo"))
     demo_data.main(["--out", str(repo / "data")])
     return repo
-
-
-def venv_env() -> dict[str, str]:
-    """The environment with this interpreter's bin/ first on PATH (dvc.yaml's `python`, `dvc`)."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-
-
-def dvc(repo: Path, *args: str) -> str:
-    result = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=repo, env=venv_env(),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
 
 
 def test_generated_data_matches_data_dvc(repo):

@@ -7,12 +7,12 @@ from __future__ import annotations
 import ast
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.pipeline import copy_pipeline, dvc
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("imgpipe", "stages", "serve", "tools")  # the project's own top-level packages
@@ -114,12 +114,8 @@ def test_the_committed_lock_records_the_committed_code_and_params(tmp_path):
     `dvc repro` leaves its stages stale: a clone would rerun them, and the released bundle would
     name code it was not built from. Checked on a copy of the pipeline files alone, so what DVC
     finds changed there is code or params (data and outputs are absent, which DVC calls deleted)."""
-    from tests.test_demo_pipeline import copy_pipeline
-
-    repo = copy_pipeline(tmp_path)
-    status = subprocess.run([str(Path(sys.executable).parent / "dvc"), "status", "--json"], cwd=repo,
-                            capture_output=True, text=True, timeout=120, check=True)
-    stale = {f"{stage} {dep}": change for stage, entries in json.loads(status.stdout).items() for entry in entries
+    status = json.loads(dvc(copy_pipeline(tmp_path), "status", "--json"))
+    stale = {f"{stage} {dep}": change for stage, entries in status.items() for entry in entries
              for dep, change in entry.get("changed deps", {}).items() if change != "deleted"}
     assert stale == {}, "changed since dvc.lock was written: run `dvc repro` and commit dvc.lock"
 

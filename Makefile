@@ -10,14 +10,16 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 # Run with the virtual environment first on PATH, so dvc.yaml's `python` is the pinned one.
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
-.PHONY: help .venv browser demo data release serve test bench lock clean
+.PHONY: help .venv browser demo data release serve test bench lock clean docs docs-serve
 
 help:
 	@echo "make demo   - set up .venv, generate the demo digits, run the whole pipeline (dvc repro)"
 	@echo "make test   - set up .venv, run the test suite"
 	@echo "make release - copy build/serving/ to model/ and dvc add it (model.dvc)"
 	@echo "make serve  - start the prediction service on 127.0.0.1:8000"
-	@echo "make bench  - benchmarks against peer tools (results in bench/results/)"
+	@echo "make bench  - benchmarks against peer tools (results in bench/results/, figures in docs/benchmarks.md)"
+	@echo "make docs   - build the documentation site into site/ (mkdocs build --strict)"
+	@echo "make docs-serve - serve the documentation site on http://127.0.0.1:8001/, rebuilt on every edit"
 	@echo "make .venv  - only create the virtual environment from requirements.lock"
 	@echo "make browser - install Debian's headless Chromium for the browser tests (apt, when missing)"
 
@@ -101,7 +103,15 @@ bench: $(STAMP) $(BENCH_STAMP)
 	$(RUN) python -m bench.input_pipeline --img2dataset $(BENCH_VENV)/bin/img2dataset && \
 	$(RUN) python -m bench.train && \
 	$(RUN) python -m bench.serve && \
-	$(RUN) python -m bench.summary --write README.md
+	$(RUN) python -m bench.summary --write docs/benchmarks.md
+
+# The documentation site (mkdocs.yml, pages under docs/). --strict: a broken link or #anchor, or a
+# page missing from nav, fails the build. Nothing is loaded from other hosts, search included.
+docs: $(STAMP)
+	$(RUN) NO_MKDOCS_2_WARNING=1 mkdocs build --strict --site-dir site
+
+docs-serve: $(STAMP)
+	$(RUN) NO_MKDOCS_2_WARNING=1 mkdocs serve --strict --dev-addr 127.0.0.1:8001
 
 clean:
 	rm -rf .cache logs .pytest_cache

@@ -3,7 +3,7 @@
 ``make bench`` exports one ``BENCH_RUN_ID`` for all its scripts, so the results files of one
 ``make bench`` carry the same id; a script run on its own gets an id of its own
 (``standalone-...``, ``"make_bench": false``). ``bench.summary`` refuses to put results of
-different runs, or of standalone runs, into the README.
+different runs, or of standalone runs, into docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ def machine() -> dict:
 def record(script: str, started: float) -> dict:
     """The run record for a results file; ``started`` is the script's ``time.time()`` at start.
 
-    ``dirty`` says whether tracked files other than the results and README.md (which ``make bench``
+    ``dirty`` says whether tracked files other than the results and docs/benchmarks.md (which ``make bench``
     itself rewrites) differed from ``commit`` when the script finished."""
     run_id = os.environ.get(ENV, "").strip()
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                 ":(exclude)bench/results", ":(exclude)README.md")
+                 ":(exclude)bench/results", ":(exclude)docs/benchmarks.md")
     return {
         "id": run_id or f"standalone-{script}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(started))}",
         "make_bench": bool(run_id),

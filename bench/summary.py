@@ -1,20 +1,22 @@
-"""README's benchmark figures, generated from bench/results/*.json of one `make bench` run.
+"""The benchmark figures of docs/benchmarks.md, generated from bench/results/*.json of one `make bench` run.
 
     python -m bench.summary                     print every generated block
-    python -m bench.summary --write README.md   replace the blocks between README's bench markers
+    python -m bench.summary --write             replace the blocks between docs/benchmarks.md's bench markers
+    python -m bench.summary --write PAGE.md     the same in another Markdown file
 
-README's benchmark section holds generated blocks between ``<!-- bench:NAME:start -->`` and
-``<!-- bench:NAME:end -->``: the run the figures come from and the table of every headline
-figure against its target (``summary``), then one block of details per benchmark. Every figure
-in them is read from the results files (or computed from figures read there), and each names
-the configuration it was measured in. ``make bench`` ends with ``--write README.md``, and
-tests/test_readme.py checks README's blocks against this rendering and that README has no
-speed, size or memory figure outside them except the few it lists as not benchmark figures.
+The site's benchmarks page (docs/benchmarks.md) holds generated blocks between
+``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->``: the run the figures come from and
+the table of every headline figure against its target (``summary``), then one block of details
+per benchmark. Every figure in them is read from the results files (or computed from figures read
+there), and each names the configuration it was measured in. ``make bench`` ends with
+``--write docs/benchmarks.md``, and tests/test_docs.py checks the page's blocks against this
+rendering and that neither README.md nor any page under docs/ has a speed, size or memory figure
+outside them except the few it lists as not benchmark figures.
 
 One run: every bench script records ``"run"`` (``bench.provenance``: the run id that
 ``make bench`` exports to all its scripts, the git commit, start time, seconds). Results of
 different runs, or of a script run on its own, are refused. The files written before run
-records existed are accepted only as the exact files listed in UNSTAMPED, and the README then
+records existed are accepted only as the exact files listed in UNSTAMPED, and the page then
 says in so many words that they are not verified to be one run.
 """
 
@@ -28,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The page `make bench` writes the generated blocks into (`--write` without a file).
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 # The files `make bench` writes, in its order. Other files in bench/results/ are not part of it.
 FILES = ("download", "scale", "input_pipeline", "train", "serve")
 # Results files written before the bench scripts recorded their run, accepted only byte for byte
@@ -729,7 +733,8 @@ def replace_blocks(text: str, blocks: dict[str, str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.summary", description=__doc__.split("\n")[0])
-    parser.add_argument("--write", type=Path, metavar="MARKDOWN", help="replace the generated blocks in this file")
+    parser.add_argument("--write", type=Path, nargs="?", const=PAGE, metavar="MARKDOWN",
+                        help="replace the generated blocks in this file (default: docs/benchmarks.md)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results folder (default: bench/results)")
     args = parser.parse_args(argv)
     try:

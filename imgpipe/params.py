@@ -39,38 +39,66 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+# Each field's description is the one place its meaning is written: `--help` of the stage that
+# takes it as a flag and docs/reference/parameters.md (python -m tools.reference) both show it.
+
+
 class DownloadParams(Section):
-    fetches_per_core: PositiveInt = 16  # one task per core (a process, or a Ray CPU), each with this many downloads
-    processes: NonNegativeInt = 0  # on this machine (not on a Ray cluster): 0 = one per CPU core
-    rows_per_task: PositiveInt = 256
-    shard_size: PositiveInt = 1000  # images per output shard, at most on average (imgpipe.shards)
-    connect_timeout: PositiveFloat = 5.0
-    read_timeout: PositiveFloat = 10.0
-    deadline: PositiveFloat = 60.0
-    retries: NonNegativeInt = 3
-    backoff: Annotated[float, Field(ge=0)] = 0.5
-    retry_after_cap: Annotated[float, Field(ge=0)] = 30.0
-    max_redirects: NonNegativeInt = 5
-    max_bytes: PositiveInt = 20_000_000
-    formats: list[ImageFormat] = Field(default_factory=lambda: list(FORMATS), min_length=1)
-    max_pixels: PositiveInt = 40_000_000
-    min_side: PositiveInt = 32
-    min_images_per_class: NonNegativeInt = 10
-    user_agent: str = "image-pipeline-downloader/0.1"
+    fetches_per_core: PositiveInt = Field(16, description="Concurrent downloads in each task; one task runs per "
+                                          "core (a process on this machine, or a Ray CPU).")
+    processes: NonNegativeInt = Field(0, description="Worker processes on this machine; 0 = one per CPU core. "
+                                      "A Ray cluster brings its own CPUs; the output is the same either way.")
+    rows_per_task: PositiveInt = Field(256, description="Manifest rows per task: the unit of work sent to a core.")
+    shard_size: PositiveInt = Field(1000, description="Images per output tar shard, at most on average (images "
+                                    "are placed in shards by content hash).")
+    connect_timeout: PositiveFloat = Field(5.0, description="Seconds to open a connection.")
+    read_timeout: PositiveFloat = Field(10.0, description="Seconds without a byte before a download is dropped "
+                                        "as a timeout.")
+    deadline: PositiveFloat = Field(60.0, description="Total seconds per URL, retries and backoff included.")
+    retries: NonNegativeInt = Field(3, description="Extra attempts, only after a connection error, HTTP 429 or "
+                                    "a 5xx status; 0 = a single attempt.")
+    backoff: Annotated[float, Field(ge=0)] = Field(0.5, description="Seconds before the first retry, doubled for "
+                                                   "each further one (with jitter); a Retry-After header wins.")
+    retry_after_cap: Annotated[float, Field(ge=0)] = Field(30.0, description="Longest Retry-After honoured, "
+                                                           "in seconds.")
+    max_redirects: NonNegativeInt = Field(5, description="Redirects followed per URL; more, or a loop, drops the "
+                                          "row as too_many_redirects.")
+    max_bytes: PositiveInt = Field(20_000_000, description="Largest image file in bytes; larger ones are dropped "
+                                   "as too_large.")
+    formats: list[ImageFormat] = Field(default_factory=lambda: list(FORMATS), min_length=1,
+                                       description="Image formats kept, as Pillow names them; images in other "
+                                       "formats are dropped as unsupported_format.")
+    max_pixels: PositiveInt = Field(40_000_000, description="Largest image in pixels (width x height), a "
+                                    "decompression-bomb guard; larger ones are dropped as too_many_pixels.")
+    min_side: PositiveInt = Field(32, description="Smallest shorter side in pixels; smaller images are dropped as "
+                                  "too_small.")
+    min_images_per_class: NonNegativeInt = Field(10, description="A class with fewer kept images fails the stage, "
+                                                 "and so stops the pipeline; 0 = no minimum.")
+    user_agent: str = Field("image-pipeline-downloader/0.1", description="User-Agent header of every HTTP "
+                            "request.")
 
 
 Channel = Annotated[int, Field(ge=0, le=255)]
 
 
 class PackParams(Section):
-    image_size: PositiveInt = 224
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2  # chooses: best epoch, best trial, served model
-    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # chooses nothing: reported once, at the end
-    seed: int = 42
-    shard_size: PositiveInt = 1000
-    pad_color: Annotated[list[Channel], Field(min_length=3, max_length=3)] = Field(default_factory=lambda: [0, 0, 0])
-    resample: Resample = "bilinear"
-    processes: NonNegativeInt = 0
+    image_size: PositiveInt = Field(224, description="Side in pixels of the square every image is letterboxed "
+                                    "into: the models' input size.")
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.2, description="Share of the images in the validation split, which chooses the best epoch, the best "
+        "trial and the served model.")
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.1, description="Share of the images in the held-out test split, which chooses nothing: it is reported "
+        "once, at the end.")
+    seed: int = Field(42, description="Split seed: changing it reshuffles train, val and test.")
+    shard_size: PositiveInt = Field(1000, description="Images per TFRecord shard.")
+    pad_color: Annotated[list[Channel], Field(min_length=3, max_length=3)] = Field(
+        default_factory=lambda: [0, 0, 0], description="RGB colour (0 to 255 each) of the letterbox padding and "
+        "of transparent areas.")
+    resample: Resample = Field("bilinear", description="Resampling filter of the resize: nearest, box, bilinear, "
+                               "hamming, bicubic or lanczos.")
+    processes: NonNegativeInt = Field(0, description="Decode, resize and encode processes on this machine; 0 = "
+                                      "one per CPU core. A Ray cluster brings its own CPUs.")
 
     @model_validator(mode="after")
     def _training_images_left(self) -> PackParams:
@@ -81,41 +109,54 @@ class PackParams(Section):
 
 
 class AugmentParams(Section):
-    flip: bool = True  # random horizontal flip
-    rotation: Annotated[float, Field(ge=0, le=0.5)] = 0.1  # largest turn, as a fraction of a full turn; 0 = off
-    contrast: Annotated[float, Field(ge=0, lt=1)] = 0.1  # largest contrast change (factor 1 +- this); 0 = off
+    flip: bool = Field(True, description="Random horizontal flip.")
+    rotation: Annotated[float, Field(ge=0, le=0.5)] = Field(
+        0.1, description="Largest random rotation, as a fraction of a full turn (0.1 = 36 degrees); 0 = off.")
+    contrast: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.1, description="Largest random contrast change: a factor in [1 - contrast, 1 + contrast]; 0 = off.")
 
 
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 
 class ResnetParams(Section):
-    epochs: PositiveInt = 10
+    epochs: PositiveInt = Field(10, description="Training epochs, unless patience stops it earlier.")
     # 16, not 32: from scratch, ResNet50V2 learns per optimizer step, and on a small set a smaller
     # batch gives twice the steps for the same images seen (bench/small_data.py).
-    batch_size: PositiveInt = 16
+    batch_size: PositiveInt = Field(16, description="Images per optimizer step.")
     # A small set repeats inside each epoch (fresh augmentation every pass) until the whole fit
     # makes at least this many optimizer steps: ResNet50V2 from scratch needs a couple of hundred
-    # before it learns anything, which ten one-pass epochs of 200 photos never give. 0 = one pass.
-    min_steps: NonNegativeInt = 250
-    optimizer: Literal["adam", "sgd"] = "adam"
-    learning_rate: PositiveFloat = 0.001
-    schedule: Literal["constant", "cosine"] = "cosine"  # cosine: decays to 0 over all epochs
-    label_smoothing: Fraction = 0.1
-    patience: NonNegativeInt = 5  # epochs without a better val loss before stopping; 0 = never stop early
-    class_weighting: bool = True  # weight the loss so that rare classes count as much as common ones
-    augment: bool = True  # apply the augment: section to the training images
-    dropout: Fraction = 0.0
+    # before it learns anything, which ten one-pass epochs of 200 photos never give.
+    min_steps: NonNegativeInt = Field(250, description="A small training set repeats within each epoch (fresh "
+                                      "augmentation each pass) until the whole fit makes at least this many "
+                                      "optimizer steps; 0 = one pass per epoch.")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="adam (AdamW with weight_decay), or sgd (with "
+                                              "momentum 0.9).")
+    learning_rate: PositiveFloat = Field(0.001, description="Learning rate after the warmup, where the schedule "
+                                         "starts.")
+    schedule: Literal["constant", "cosine"] = Field("cosine", description="constant, or cosine: decays to 0 over "
+                                                    "all epochs.")
+    label_smoothing: Fraction = Field(0.1, description="Label smoothing of the cross-entropy loss; 0 = off.")
+    patience: NonNegativeInt = Field(5, description="Epochs without a better val loss before training stops "
+                                     "(the best epoch's weights are kept); 0 = never stop early.")
+    class_weighting: bool = Field(True, description="Weight the loss so that rare classes count as much as "
+                                  "common ones.")
+    augment: bool = Field(True, description="Apply the augment: section to the training images.")
+    dropout: Fraction = Field(0.0, description="Dropout rate before the classification head; 0 = none.")
     # 0.9, not Keras' 0.99: at inference BatchNormalization uses running statistics, which at 0.99
     # still hold most of their initial values after the few hundred steps a small data set gives.
-    batchnorm_momentum: Annotated[float, Field(gt=0, lt=1)] = 0.9
-    warmup_epochs: NonNegativeInt = 1  # the learning rate rises linearly from 0 over these epochs
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0  # decoupled (AdamW, SGD's weight_decay)
-    # none (from scratch), imagenet (Keras downloads them: needs internet), or the path of a
-    # .weights.h5 file of this architecture (declare it as a dependency in dvc.yaml)
-    weights: str = "none"
-    freeze_epochs: NonNegativeInt = 0  # with weights: epochs training only the new head first
-    seed: int = 42
+    batchnorm_momentum: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.9, description="Momentum of every batch normalization in the backbone (Keras' own: 0.99).")
+    warmup_epochs: NonNegativeInt = Field(1, description="Epochs over which the learning rate rises linearly "
+                                          "from 0, before the schedule; 0 = no warmup.")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="Decoupled weight decay (AdamW, or "
+                                                        "SGD's weight_decay); 0 = none.")
+    weights: str = Field("none", description="Starting weights of the backbone: none (from scratch), imagenet "
+                         "(Keras downloads them: needs internet) or the path of a ResNet50V2 .weights.h5 file "
+                         "(declare it as a dependency in dvc.yaml).")
+    freeze_epochs: NonNegativeInt = Field(0, description="With weights: epochs that train only the new head "
+                                          "before the whole network.")
+    seed: int = Field(42, description="Seed of the initial weights, the shuffling and the augmentation.")
 
 
 # AutoKeras' ImageBlock architectures. EfficientNet is left out: AutoKeras pairs it with ImageNet
@@ -124,65 +165,96 @@ BlockType = Literal["vanilla", "resnet", "xception"]
 
 
 class AutomlParams(Section):
-    max_trials: PositiveInt = 10
-    epochs: PositiveInt = 20  # per trial
-    batch_size: PositiveInt = 32
-    tuner: Literal["greedy", "bayesian", "hyperband", "random"] = "greedy"
-    block_types: list[BlockType] = Field(default_factory=lambda: ["vanilla", "resnet", "xception"], min_length=1)
-    # Search on images resized to this side by a Resizing layer at the model's front, so the saved
-    # model still takes pack.image_size images. 0: no resizing. A lever for searches on a CPU.
-    input_size: NonNegativeInt = 0
-    # AutoKeras hyperparameters pinned for every trial, by their full names as trials.csv lists
-    # them, e.g. {"image_block_1/augment": true}.
-    fixed: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    patience: NonNegativeInt = 5  # epochs without a better val loss before a trial stops; 0 = never stop early
-    class_weighting: bool = True
-    # The search runs on at most this many training images (a seeded, class-balanced sample held in
-    # memory: AutoKeras takes arrays); the winner is then trained on the whole split, streamed.
-    search_images: PositiveInt = 2000
-    seed: int = 42
+    max_trials: PositiveInt = Field(10, description="Models the search tries.")
+    epochs: PositiveInt = Field(20, description="Most epochs per trial, and for the winner's training on the "
+                                "whole split.")
+    batch_size: PositiveInt = Field(32, description="Images per optimizer step, in the search and for the winner.")
+    tuner: Literal["greedy", "bayesian", "hyperband", "random"] = Field(
+        "greedy", description="Search algorithm: greedy (AutoKeras' known-good configurations first), bayesian, "
+        "hyperband or random.")
+    block_types: list[BlockType] = Field(default_factory=lambda: ["vanilla", "resnet", "xception"], min_length=1,
+                                         description="ImageBlock architectures searched (never with ImageNet "
+                                         "weights).")
+    # A lever for searches on a CPU.
+    input_size: NonNegativeInt = Field(0, description="Side in pixels the search resizes the images to, with a "
+                                       "Resizing layer at the model's front, so the saved model still takes "
+                                       "pack.image_size images; 0 = no resizing.")
+    fixed: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description='AutoKeras hyperparameters pinned for every trial, by their full names '
+        'as trials.csv lists them, e.g. {"image_block_1/augment": true}.')
+    patience: NonNegativeInt = Field(5, description="Epochs without a better val loss before a trial stops; "
+                                     "0 = never stop early.")
+    class_weighting: bool = Field(True, description="Weight the loss so that rare classes count as much as "
+                                  "common ones.")
+    # AutoKeras takes arrays, so the search's images are held in memory.
+    search_images: PositiveInt = Field(2000, description="The search runs on at most this many training images "
+                                       "(a seeded, class-balanced sample; val is sampled alike); the winner then "
+                                       "trains on the whole split.")
+    seed: int = Field(42, description="Seed of the tuner, the sample and the initial weights.")
 
 
 class TrainParams(Section):
-    head: Literal["auto", "softmax", "sigmoid"] = "auto"  # auto: sigmoid for exactly two classes
-    strategy: Literal["default", "mirrored", "multi_worker"] = "default"  # tf.distribute strategy
-    # float32, or mixed: float16 compute for GPUs, bfloat16 for CPUs with BF16 (AVX-512 BF16, AMX) and
-    # TPUs. Variables and the saved model stay float32 either way.
-    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
-    # true: op determinism, so the same inputs give a bit-identical model; false: faster (most on
-    # GPUs), and reruns differ slightly.
-    deterministic: bool = True
-    resnet: ResnetParams = Field(default_factory=ResnetParams)
-    automl: AutomlParams = Field(default_factory=AutomlParams)
+    head: Literal["auto", "softmax", "sigmoid"] = Field(
+        "auto", description="Output layer: auto (sigmoid for exactly two classes, else softmax), softmax or "
+        "sigmoid.")
+    strategy: Literal["default", "mirrored", "multi_worker"] = Field(
+        "default", description="tf.distribute strategy: default (one device), mirrored (all local devices) or "
+        "multi_worker (the cluster in TF_CONFIG).")
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = Field(
+        "float32", description="float32, mixed_float16 (float16 compute, for GPUs) or mixed_bfloat16 (for CPUs "
+        "with BF16, such as AVX-512 BF16 or AMX, and TPUs); variables and the saved model stay float32.")
+    deterministic: bool = Field(True, description="true: op determinism, so the same inputs give a bit-identical "
+                                "model; false: faster (mostly on GPUs), and reruns differ slightly.")
+    resnet: ResnetParams = Field(default_factory=ResnetParams, description="ResNet50V2, trained from scratch or "
+                                 "from given weights by the train_resnet stage.")
+    automl: AutomlParams = Field(default_factory=AutomlParams, description="The AutoKeras ImageClassifier "
+                                 "search of the train_automl stage.")
 
 
 class ExportParams(Section):
-    opset: Annotated[int, Field(ge=17, le=21)] = 17  # ONNX opset; 17 runs on every current ONNX Runtime
-    # Parity gate: Keras and ONNX Runtime on the whole validation split.
-    max_abs_diff: PositiveFloat = 1e-4  # largest allowed probability difference
-    batch_size: PositiveInt = 64  # images per inference batch in the parity check
-    quantize: bool = False  # also write model.int8.onnx (static INT8, calibrated on training images)
-    calibration_images: PositiveInt = 128
+    opset: Annotated[int, Field(ge=17, le=21)] = Field(17, description="ONNX opset; 17 runs on every current "
+                                                       "ONNX Runtime.")
+    max_abs_diff: PositiveFloat = Field(1e-4, description="Parity gate: the largest allowed difference between a "
+                                        "Keras and an ONNX Runtime probability on val.")
+    batch_size: PositiveInt = Field(64, description="Images per inference batch in the parity check.")
+    quantize: bool = Field(False, description="Also write model.int8.onnx (static INT8, calibrated on training "
+                           "images).")
+    calibration_images: PositiveInt = Field(128, description="Training images that calibrate the INT8 model.")
 
 
 class ServeParams(Section):
-    model: Literal["best", "resnet50v2", "autokeras"] = "best"  # best: the higher validation macro-F1
-    max_batch: PositiveInt = SERVING.max_batch  # requests coalesced into one ONNX Runtime call
-    max_wait_ms: Annotated[float, Field(ge=0)] = SERVING.max_wait_ms  # how long the first request waits
-    max_queue: PositiveInt = SERVING.max_queue  # images waiting; more are answered 503 with Retry-After
-    max_body_bytes: PositiveInt = SERVING.max_body_bytes  # larger requests are answered 413
-    max_pixels: PositiveInt = SERVING.max_pixels  # larger images are answered 422 (decompression bombs)
-    triton_instances: PositiveInt = 1  # Triton model instances (CPU)
-    triton_max_queue_delay_us: NonNegativeInt = 5000
+    model: Literal["best", "resnet50v2", "autokeras"] = Field(
+        "best", description="Model to serve: best (the higher val macro-F1 among the models that beat the "
+        "baseline), resnet50v2 or autokeras.")
+    max_batch: PositiveInt = Field(SERVING.max_batch, description="Most images in one ONNX Runtime call (also "
+                                   "Triton's max_batch_size).")
+    max_wait_ms: Annotated[float, Field(ge=0)] = Field(
+        SERVING.max_wait_ms, description="Milliseconds the first request of a batch waits for others to join it.")
+    max_queue: PositiveInt = Field(SERVING.max_queue, description="Images waiting to be predicted; beyond it, "
+                                   "requests are answered 503 with Retry-After.")
+    max_body_bytes: PositiveInt = Field(SERVING.max_body_bytes, description="Largest request body in bytes; "
+                                        "larger requests are answered 413.")
+    max_pixels: PositiveInt = Field(SERVING.max_pixels, description="Largest image in pixels; larger images are "
+                                    "answered 422 (decompression-bomb guard).")
+    triton_instances: PositiveInt = Field(1, description="Model instances in the Triton config (on CPU).")
+    triton_max_queue_delay_us: NonNegativeInt = Field(5000, description="Triton's dynamic batching delay, in "
+                                                      "microseconds.")
 
 
 class Params(Section):
-    download: DownloadParams = Field(default_factory=DownloadParams)
-    pack: PackParams = Field(default_factory=PackParams)
-    augment: AugmentParams = Field(default_factory=AugmentParams)
-    train: TrainParams = Field(default_factory=TrainParams)
-    export: ExportParams = Field(default_factory=ExportParams)
-    serve: ServeParams = Field(default_factory=ServeParams)
+    download: DownloadParams = Field(default_factory=DownloadParams, description="Fetch, validate and shard the "
+                                     "images of the manifests and class folders.")
+    pack: PackParams = Field(default_factory=PackParams, description="Letterbox the downloaded images into "
+                             "TFRecord shards, split into train, val and test.")
+    augment: AugmentParams = Field(default_factory=AugmentParams, description="Random changes to the training "
+                                   "images, made in the input pipeline (imgpipe/records/read.py) when "
+                                   "train.resnet.augment is true; never applied to val or test.")
+    train: TrainParams = Field(default_factory=TrainParams, description="What both trainers share; their own keys "
+                               "are in train.resnet and train.automl.")
+    export: ExportParams = Field(default_factory=ExportParams, description="The ONNX serving bundle of each "
+                                 "trained model, gated on parity with Keras on the whole val split.")
+    serve: ServeParams = Field(default_factory=ServeParams, description="The released model, its service's "
+                               "settings (written into the bundle) and its Triton repository.")
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -263,6 +335,12 @@ def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     return annotation, {}
 
 
+def yaml_value(value: Any) -> str:
+    """``value`` written the way params.yaml writes it (``true``, ``[BMP, GIF]``, ``{}``), on one line."""
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
 def _section_model(section: str) -> type[Section]:
     model: type[Section] = Params
     for part in section.split("."):
@@ -286,7 +364,9 @@ def add_section_flags(parser: argparse.ArgumentParser, section: str) -> None:
         if kind is not None:
             kwargs["type"] = kind
             kwargs["metavar"] = name.upper()
-        kwargs["help"] = f"{section}.{name} (params.yaml default: {field.get_default(call_default_factory=True)})"
+        default = yaml_value(field.get_default(call_default_factory=True))
+        # argparse expands %-formats in help; a description is plain text.
+        kwargs["help"] = f"{field.description} (params.yaml default: {default})".replace("%", "%%")
         group.add_argument(f"--{name.replace('_', '-')}", **kwargs)
 
 

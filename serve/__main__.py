@@ -19,12 +19,13 @@ from imgpipe.cli import at_least
 FROM_BUNDLE = "(default: the bundle's settings.json, else %s)"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, default=None,
                         help="serving bundle (default: model/, else build/serving/)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=at_least(0), default=8000)
+    parser.add_argument("--port", type=at_least(0), default=8000, help="TCP port; 0 = any free one (default: "
+                        "%(default)s)")
     parser.add_argument("--max-batch", type=at_least(1), help="images per ONNX Runtime call "
                         + FROM_BUNDLE % SERVING.max_batch)
     parser.add_argument("--max-wait-ms", type=at_least(0, float), help="how long a batch waits to fill "
@@ -37,8 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         + FROM_BUNDLE % SERVING.max_pixels)
     parser.add_argument("--threads", type=at_least(0), help="ONNX Runtime threads per batch (0: one per core; "
                         f"default {SERVING.threads})")
-    parser.add_argument("--workers", type=at_least(1), help="batches run at once (default: one per core, "
-                        f"{SERVING.workers} here)")
+    parser.add_argument("--workers", type=at_least(1), help="batches run at once (default: one per core)")
     parser.add_argument("--precision", choices=sorted(MODEL_FILES),
                         help="int8: the bundle's static INT8 variant (export.quantize), faster on most CPUs "
                              f"(default {SERVING.precision})")
@@ -57,8 +57,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--drain-seconds", type=at_least(0, float), default=SERVING.drain_seconds,
                         help="on SIGTERM, how long accepted requests may take to be answered "
                              "(default: %(default)g)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return parser.parse_args(argv)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="least severe JSON log line written (request lines are info; at debug, uvicorn's own "
+                             "lines too) (default: %(default)s)")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def settings_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -24,18 +24,24 @@ from serve.errors import ApiError
 from serve.inputs import decode
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serve.predict_folder", description=__doc__.split("\n")[0])
     parser.add_argument("folder", type=Path, help="folder of images (searched recursively)")
     parser.add_argument("--out", type=Path, default=None, help="CSV to write (default: print to stdout)")
     parser.add_argument("--bundle", type=Path, default=None,
                         help="serving bundle (default: model/, else build/serving/)")
-    parser.add_argument("--batch-size", type=at_least(1), default=SERVING.max_batch)
-    parser.add_argument("--max-pixels", type=at_least(1), default=SERVING.max_pixels)
+    parser.add_argument("--batch-size", type=at_least(1), default=SERVING.max_batch,
+                        help="images per ONNX Runtime call (default: %(default)s)")
+    parser.add_argument("--max-pixels", type=at_least(1), default=SERVING.max_pixels,
+                        help="larger images are not decoded; their row says too_many_pixels (default: %(default)s)")
     parser.add_argument("--threads", type=at_least(1), default=4, help="reading/decoding threads")
     parser.add_argument("--precision", choices=sorted(MODEL_FILES), default=SERVING.precision,
                         help="int8: the bundle's static INT8 variant (export.quantize)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def read(path: Path, bundle: Bundle, max_pixels: int) -> np.ndarray | str:

@@ -20,7 +20,7 @@ from imgpipe.distribute import add_engine_flags
 from imgpipe.ingest.download import NAME, check_enough, download, summary_line
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = entry_parser(f"python -m stages.{NAME}", __doc__.split("\n")[0])
     parser.add_argument("--manifest", "--source", dest="sources", nargs="+", type=Path, required=True,
                         metavar="PATH", help="CSV manifests (url,label columns) and/or folders of class sub-folders")
@@ -35,7 +35,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="untracked log of timings, one JSON line per run (default: %(default)s)")
     add_engine_flags(parser)
     params_module.add_section_flags(parser, NAME)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

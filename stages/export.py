@@ -20,7 +20,7 @@ from imgpipe.export.build import build_bundle
 NAME = "export"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = entry_parser(f"python -m stages.{NAME}", __doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="trained model.keras")
     parser.add_argument("--records", type=Path, required=True, help="TFRecords folder (val and test splits, labels)")
@@ -31,7 +31,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="untracked JSON of speeds and seconds (default: logs/export_NAME.json)")
     parser.add_argument("--name", default=None, help="model name in the bundle (default: the model's folder name)")
     params_module.add_section_flags(parser, NAME)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

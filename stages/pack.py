@@ -22,7 +22,7 @@ from imgpipe.records.write import PRELOAD, index_images, pack, write_report
 NAME = "pack"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = entry_parser(f"python -m stages.{NAME}", __doc__.split("\n")[0])
     parser.add_argument("--images", type=Path, required=True,
                         help="the download stage's folder of images-NNNNN-of-NNNNN.tar shards")
@@ -31,7 +31,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="metrics JSON; skipped.csv is written beside it (default: %(default)s)")
     add_engine_flags(parser)
     params_module.add_section_flags(parser, NAME)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

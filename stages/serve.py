@@ -23,7 +23,7 @@ from imgpipe.serving import build_serving
 NAME = "serve"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = entry_parser(f"python -m stages.{NAME}", __doc__.split("\n")[0])
     parser.add_argument("--bundles", type=Path, required=True, help="folder of exported bundles (one per model)")
     parser.add_argument("--records", type=Path, required=True, help="TFRecords folder (the val and test splits)")
@@ -33,7 +33,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timings", type=Path, default=Path("logs/serve.json"),
                         help="untracked JSON of latency and throughput (default: %(default)s)")
     params_module.add_section_flags(parser, NAME)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

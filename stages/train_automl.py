@@ -20,22 +20,28 @@ from pathlib import Path
 
 from imgpipe import params as params_module
 from imgpipe.cli import run
-from imgpipe.training.automl import search
 from imgpipe.training.reports import print_summary, trainer_parser
 
 NAME = "train_automl"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = trainer_parser(NAME, __doc__.split("\n")[0], "train.automl", "metrics, plots, pictures and trials.csv")
     parser.add_argument("--workdir", type=Path, default=Path(f".cache/{NAME}"),
                         help="backup of the search (trials, checkpoints) for a resume, not tracked; "
                              "removed when the run finishes (default: %(default)s)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # Imported here, not above: --help and tools/reference.py build the parser without loading TensorFlow.
+    from imgpipe.training.automl import search
+
     params = params_module.load_for(args)
     started = time.monotonic()
     searched = search(params, args.records, args.out, args.reports, args.workdir, args.params, NAME)

@@ -18,20 +18,26 @@ from pathlib import Path
 from imgpipe import params as params_module
 from imgpipe.cli import run
 from imgpipe.training.reports import print_summary, trainer_parser
-from imgpipe.training.resnet import train
 
 NAME = "train_resnet"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = trainer_parser(NAME, __doc__.split("\n")[0], "train.resnet", "metrics, plots and pictures")
     parser.add_argument("--workdir", type=Path, default=Path(f".cache/{NAME}"),
                         help="backups of the last finished epoch, for a resume; not tracked (default: %(default)s)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # Imported here, not above: --help and tools/reference.py build the parser without loading TensorFlow.
+    from imgpipe.training.resnet import train
+
     params = params_module.load_for(args)
     started = time.monotonic()
     trained = train(params, args.records, args.out, args.reports, args.params, NAME, args.workdir)

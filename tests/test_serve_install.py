@@ -1,4 +1,4 @@
-"""A serving host without TensorFlow: README's two install lines (requirements-serve.lock, then the
+"""A serving host without TensorFlow: the two install lines of docs/service.md (requirements-serve.lock, then the
 project with its [serve] extra) in a fresh virtual environment made from a copy of the checkout,
 then `python -m serve` and `python -m serve.predict_folder` from that environment on a real bundle,
 over real HTTP on loopback. Nothing is mocked; pip installs from the package index (its cache)."""
@@ -31,23 +31,24 @@ from serve.inputs import decode
 from tests import images
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-HEADING = "### Serving host without TensorFlow"
+PAGE = "docs/service.md"  # the documentation site's page on the service
+SERVICE_PAGE = (ROOT / PAGE).read_text()
+HEADING = "## Serving host without TensorFlow"
 TRAINING_STACK = ("tensorflow", "keras", "tf_keras", "autokeras", "keras_tuner", "tf2onnx", "dvc", "torch")
 
 
 def serving_host_block() -> list[str]:
-    """The commands of the README's serving-host ```sh block (comments dropped)."""
-    assert HEADING in README, f"README has no {HEADING!r} part"
-    block = re.search(r"```sh\n(.*?)```", README[README.index(HEADING):], re.S)
-    assert block, f"README: no ```sh block under {HEADING!r}"
+    """The commands of the service page's serving-host ```sh block (comments dropped)."""
+    assert HEADING in SERVICE_PAGE, f"{PAGE} has no {HEADING!r} part"
+    block = re.search(r"```sh\n(.*?)```", SERVICE_PAGE[SERVICE_PAGE.index(HEADING):], re.S)
+    assert block, f"{PAGE}: no ```sh block under {HEADING!r}"
     lines = (re.sub(r"\s+#.*$", "", line).strip() for line in block.group(1).splitlines())
     return [line for line in lines if line and not line.startswith("#")]
 
 
 def install_commands() -> list[list[str]]:
     commands = [shlex.split(line) for line in serving_host_block() if line.startswith("python -m pip install")]
-    assert len(commands) == 2, f"README's serving host install is not two pip lines: {serving_host_block()}"
+    assert len(commands) == 2, f"{PAGE}'s serving host install is not two pip lines: {serving_host_block()}"
     return commands
 
 
@@ -90,7 +91,7 @@ def normalize(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
-    """(python of the serving venv, environment, a folder outside any checkout) after README's install."""
+    """(python of the serving venv, environment, a folder outside any checkout) after the page's install."""
     root = tmp_path_factory.mktemp("serving-host")
     checkout = checkout_copy(root / "checkout")
     venv = root / "venv"

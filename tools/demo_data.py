@@ -144,11 +144,15 @@ def generate(out: Path) -> int:
     return len(digits.images)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tools.demo_data", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data"), help="folder to create (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace the folder if it exists")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.out.exists() and not args.force:
         sys.exit(f"demo_data: error: {args.out} exists; pass --force to replace it")
     with replacing_folder(args.out) as staging:  # an interrupted run never leaves half a data set

@@ -24,7 +24,7 @@ from imgpipe.shards import StoredImage, iter_images
 NAME = "images"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = entry_parser(f"python -m tools.{NAME}", __doc__.split("\n")[0])
     # The commands with their flags under --help, as the docstring shows them.
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -39,7 +39,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     extract.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write <label>/ into")
     extract.add_argument("--limit", type=at_least(1), default=None, metavar="N",
                          help="the first N images by sha256 (default: all)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def class_images(folder: Path, label: str) -> list[StoredImage]:

@@ -18,7 +18,7 @@ from imgpipe.cli import StageError, at_least, entry_parser, run
 NAME = "page_screenshot"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = entry_parser(f"python -m tools.{NAME}", __doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, required=True, help="serving bundle (model/ or build/serving/)")
     parser.add_argument("--image", type=Path, required=True, help="image to classify on the page")
@@ -26,7 +26,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=at_least(320), default=1280, help="viewport width in CSS px (%(default)s)")
     parser.add_argument("--height", type=at_least(320), default=800,
                         help="viewport height in CSS px; the screenshot is the full page (%(default)s)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def shoot(url: str, image: Path, out: Path, width: int, height: int) -> str:

@@ -23,12 +23,16 @@ from imgpipe.training.evaluation import chance_warning
 NAME = "release"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = entry_parser(f"python -m tools.{NAME}", __doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, default=Path("build/serving"), help="bundle to release (%(default)s)")
     parser.add_argument("--out", type=Path, default=Path("model"), help="release folder, tracked by OUT.dvc "
                                                                          "(%(default)s)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def example_image() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -86,7 +87,13 @@ def serve_summary(path: Path = SERVE) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """No flags: a parser all the same, for --help and the commands reference (tools/reference.py)."""
+    return argparse.ArgumentParser(prog="python -m tools.summary", description=__doc__.split("\n")[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    build_parser().parse_args([] if argv is None else argv)  # None: called from Python, not sys.argv
     if not DOWNLOAD.exists():
         sys.exit(f"summary: {DOWNLOAD} not found; run `dvc repro` first")
     print(download_summary())
@@ -105,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

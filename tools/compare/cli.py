@@ -21,9 +21,10 @@ NAME = "compare"
 log = logging.getLogger(__name__)
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = entry_parser(f"python -m tools.{NAME}", "Compare Neptune runs without a Neptune server")
-    parser.add_argument("--neptune-dir", type=Path, default=Path(".neptune"), help="default: %(default)s")
+    parser.add_argument("--neptune-dir", type=Path, default=Path(".neptune"),
+                        help="folder of Neptune's offline runs (default: %(default)s)")
     parser.add_argument("--sort", metavar="METRIC",
                         help="final metric to sort by, best first, e.g. metrics/val/macro_f1 (or val/macro_f1)")
     parser.add_argument("--params", nargs="+", default=[], metavar="PATH",
@@ -46,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     runs = find_runs(args.neptune_dir)  # warns about each run folder it cannot read
     if not runs:
         raise StageError(f"no Neptune runs under {args.neptune_dir}/ (train a model first)")

@@ -1,6 +1,9 @@
-"""README.md stays true: every benchmark figure is generated from bench/results/ of one `make bench`
-run, no other speed, size or memory figure hides in its prose, and every command it shows exists,
-takes the flags it is shown with, and is run somewhere (a make target, a test, or `make demo`)."""
+"""README.md and every page of the documentation site (docs/**/*.md) stay true: every benchmark
+figure is generated from bench/results/ of one `make bench` run (docs/benchmarks.md's generated
+blocks), no other speed, size or memory figure hides in their prose, every command they show
+exists, takes the flags it is shown with, and is run somewhere (a make target, a test, or
+`make demo`), and the README stays a front door whose links lead to pages and headings that exist.
+tests/test_docs_site.py builds the site itself (links and anchors between pages, search, offline)."""
 
 from __future__ import annotations
 
@@ -19,8 +22,13 @@ from bench import summary
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+# README.md first, then every page of the site, by path from the repository root.
+PAGES = {"README.md": README, **{path.relative_to(ROOT).as_posix(): path.read_text()
+                                 for path in sorted((ROOT / "docs").rglob("*.md"))}}
+BENCHMARKS = "docs/benchmarks.md"  # where `make bench` writes the generated blocks
+README_LINES = 200  # a front door: what the project is, the two commands, links into the site
 PIPELINE_TESTS = (ROOT / "tests" / "test_demo_pipeline.py").read_text()
-# Commands the README shows that run outside this repository's code, and where they are exercised.
+# Commands the pages show that run outside this repository's code, and where they are exercised.
 ELSEWHERE = {
     "curl": "tests/test_serve_app.py sends the same requests (multipart, base64, url, path, batch, annotate)",
     "git": "git itself; tests/test_demo_pipeline.py commits, clones and tags",
@@ -28,22 +36,28 @@ ELSEWHERE = {
 }
 
 
-def commands() -> list[str]:
-    """Every command in the README's ```sh blocks (continuations joined, comments and `&&` split)."""
+def page_commands() -> list[tuple[str, str]]:
+    """(page, command) for every command in the pages' ```sh blocks (continuations joined, comments
+    and `&&` split)."""
     found = []
-    for block in re.findall(r"```sh\n(.*?)```", README, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = re.sub(r"\s+#.*$", "", line).strip()
-            if line and not line.startswith("#"):
-                # `RAY_ADDRESS=... dvc repro` is the command `dvc repro` with a variable set.
-                found += [re.sub(r"^([A-Z_]+=\S+\s+)+", "", part.strip()) for part in line.split("&&")]
+    for page, text in PAGES.items():
+        for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.sub(r"\s+#.*$", "", line).strip()
+                if line and not line.startswith("#"):
+                    # `RAY_ADDRESS=... dvc repro` is the command `dvc repro` with a variable set.
+                    found += [(page, re.sub(r"^([A-Z_]+=\S+\s+)+", "", part.strip())) for part in line.split("&&")]
     return found
+
+
+def commands() -> list[str]:
+    return [command for _, command in page_commands()]
 
 
 # --- benchmark figures -------------------------------------------------------------------------
 
 # A speed, size or memory figure: a number with a unit of time, rate, ratio or size (not %, which
-# the README also uses for accuracies and data splits).
+# the pages also use for accuracies and data splits).
 FIGURE = re.compile(r"(?<![\w.])~?\d[\d,]*(?:\.\d+)?(?:\s?-\s?\d+(?:\.\d+)?)?\s?"
                     r"(?:x\b|×|(?:\w+ )?images/s\b|URLs/s\b|ms\b|s\b|min\b|h\b|hours?\b|minutes?\b|seconds?\b"
                     r"|[KMGT]i?B\b|[KMG]\b|bytes\b)")
@@ -51,8 +65,8 @@ FIGURE = re.compile(r"(?<![\w.])~?\d[\d,]*(?:\.\d+)?(?:\s?-\s?\d+(?:\.\d+)?)?\s?
 # must stand in a paragraph that says so ("by hand").
 HAND_TIMED = {
     "11 min 1 s", "20 min 36 s", "18 min 16 s", "18 min 0 s", "15 min 47 s",
-    # make demo / make test wall clock on fresh clones (Quick start)
-    "357M", "3.4G",  # du -sh of the serving-only and the full virtual environment
+    # make demo / make test wall clock on fresh clones (README's Quick start; getting-started.md includes it)
+    "357M", "3.4G",  # du -sh of the serving-only and the full virtual environment (service.md)
 }
 NOT_MEASURED = {"3 bytes": "`image_size`² x 3 bytes per image: what an image takes in memory, by definition"}
 
@@ -94,24 +108,46 @@ def stamped(tmp_path: Path, ids: dict[str, str | None], make_bench: bool = True)
     return folder
 
 
-def test_the_benchmark_section_is_the_one_the_results_files_give():
-    assert set(summary.blocks_in(README)) == set(summary.BLOCKS), "README lacks some bench:NAME markers"
+def test_the_benchmarks_page_is_the_one_the_results_files_give():
+    text = PAGES[BENCHMARKS]
+    assert set(summary.blocks_in(text)) == set(summary.BLOCKS), f"{BENCHMARKS} lacks some bench:NAME markers"
     rendered = summary.render()
-    for name, block in summary.blocks_in(README).items():
+    for name, block in summary.blocks_in(text).items():
         assert block == rendered[name].strip(), (
-            f"README's bench:{name} block differs from bench/results/: run `python -m bench.summary --write README.md`")
+            f"{BENCHMARKS}'s bench:{name} block differs from bench/results/: run "
+            f"`python -m bench.summary --write {BENCHMARKS}`")
+
+
+def test_generated_blocks_live_on_the_benchmarks_page_alone():
+    """Other pages link to the figures; a second copy would go stale when `make bench` rewrites one."""
+    for page, text in PAGES.items():
+        if page != BENCHMARKS:
+            assert "<!-- bench:" not in text, f"{page} holds bench markers: link to {BENCHMARKS} instead"
 
 
 def test_no_speed_size_or_memory_figure_outside_the_generated_blocks_but_the_listed_ones():
-    found = figures(outside_blocks(README))
-    unexplained = sorted({figure for figure, _ in found} - HAND_TIMED - set(NOT_MEASURED))
-    assert not unexplained, (f"README figures not from bench/results/: {unexplained}; put them in a generated block "
-                             "(bench/summary.py) or, if they cannot come from `make bench`, list them here")
-    for figure, paragraph in found:
+    found = []  # (page, figure, paragraph)
+    for page, text in PAGES.items():
+        found += [(page, figure, paragraph)
+                  for figure, paragraph in figures(outside_blocks(text) if page == BENCHMARKS else text)]
+    unexplained = sorted({(page, figure) for page, figure, _ in found
+                          if figure not in HAND_TIMED and figure not in NOT_MEASURED})
+    assert not unexplained, (f"figures not from bench/results/ (page, figure): {unexplained}; put them in a generated "
+                             "block (bench/summary.py) or, if they cannot come from `make bench`, list them here")
+    for page, figure, paragraph in found:
         if figure in HAND_TIMED:
-            assert "by hand" in paragraph, f"{figure!r} is hand-timed but its paragraph does not say so"
-    stale = sorted((HAND_TIMED | set(NOT_MEASURED)) - {figure for figure, _ in found})
-    assert not stale, f"listed as allowed but no longer in README: {stale}"
+            assert "by hand" in paragraph, f"{page}: {figure!r} is hand-timed but its paragraph does not say so"
+    stale = sorted((HAND_TIMED | set(NOT_MEASURED)) - {figure for _, figure, _ in found})
+    assert not stale, f"listed as allowed but no longer in README.md or docs/: {stale}"
+
+
+def test_the_hand_timed_quick_start_paragraph_is_written_once_and_included_by_the_site():
+    """README.md holds it between snippet markers; docs/getting-started.md includes it (pymdownx.snippets),
+    so the site shows the same words without a second copy to keep in step."""
+    start, end = "<!-- --8<-- [start:timing] -->", "<!-- --8<-- [end:timing] -->"
+    assert start in README and end in README, "README.md lost the snippet markers around the hand-timed paragraph"
+    assert "by hand" in README[README.index(start):README.index(end)]
+    assert '--8<-- "README.md:timing"' in PAGES["docs/getting-started.md"]
 
 
 def test_the_results_files_are_one_run_or_exactly_the_known_older_files():
@@ -122,10 +158,11 @@ def test_the_results_files_record_one_make_bench_run():
     origin = summary.provenance()
     if origin["run"] is None:
         pytest.xfail(f"{', '.join(f'{name}.json' for name in origin['unstamped'])} predate run records (the known "
-                     "older files, unchanged; README says they are not verified as one run): rerun `make bench`")
+                     "older files, unchanged; docs/benchmarks.md says they are not verified as one run): "
+                     "rerun `make bench`")
     run = origin["run"]
     assert run["make_bench"] and run["commit"]
-    assert f"`{run['id']}`" in summary.blocks_in(README)["summary"]
+    assert f"`{run['id']}`" in summary.blocks_in(PAGES[BENCHMARKS])["summary"]
 
 
 def test_one_run_is_named_with_its_commit_and_each_script_s_time(tmp_path):
@@ -149,11 +186,11 @@ def test_results_of_different_runs_are_refused(tmp_path, ids, make_bench, proble
     folder = stamped(tmp_path, ids, make_bench)
     with pytest.raises(summary.NotOneRun, match=problem):
         summary.render(folder)
-    markdown = tmp_path / "README.md"
-    markdown.write_text(README)
+    markdown = tmp_path / "benchmarks.md"
+    markdown.write_text(PAGES[BENCHMARKS])
     assert summary.main(["--write", str(markdown), "--results", str(folder)]) == 1
     assert problem in capsys.readouterr().err
-    assert markdown.read_text() == README
+    assert markdown.read_text() == PAGES[BENCHMARKS]
 
 
 def test_an_unstamped_file_that_is_not_the_known_older_one_or_a_missing_file_is_refused(tmp_path):
@@ -180,7 +217,7 @@ def test_every_configuration_measured_has_its_rows_and_cached_is_only_compared_w
     pipeline = json.loads((summary.RESULTS / "input_pipeline.json").read_text())
     if "ratio_both_cached" not in pipeline["photos"]["read"]:  # older file: our side alone was timed cached
         assert "cached in memory" not in table
-    assert "how the trainers read" not in README
+    assert not [page for page, text in PAGES.items() if "how the trainers read" in text]
 
     folder = stamped(tmp_path, {name: "run-a" for name in summary.FILES})
     path = folder / "input_pipeline.json"
@@ -252,16 +289,17 @@ def test_the_writer_refuses_a_file_without_markers_or_no_file(tmp_path, capsys):
 
 
 def test_every_command_is_known():
-    kinds = {command.split()[0] for command in commands()}
-    assert kinds <= {"make", "python", "dvc", *ELSEWHERE}, kinds
+    unknown = [(page, command) for page, command in page_commands()
+               if command.split()[0] not in {"make", "python", "dvc", *ELSEWHERE}]
+    assert not unknown, unknown
 
 
 def test_make_targets_exist():
     makefile = (ROOT / "Makefile").read_text()
-    for command in commands():
+    for page, command in page_commands():
         if command.startswith("make "):
             target = command.split()[1]
-            assert re.search(rf"^{re.escape(target)}:", makefile, re.M), f"README: `{command}`: no such make target"
+            assert re.search(rf"^{re.escape(target)}:", makefile, re.M), f"{page}: `{command}`: no such make target"
 
 
 def help_text(module: str) -> str:
@@ -275,27 +313,76 @@ def help_text(module: str) -> str:
 
 def test_python_commands_take_the_flags_they_are_shown_with():
     shown: dict[str, set[str]] = {}
-    for command in commands():
+    pages: dict[str, set[str]] = {}
+    for page, command in page_commands():
         words = shlex.split(command)
         if words[:2] == ["python", "-m"]:
             shown.setdefault(words[2], set()).update(
                 word.strip("[]").split("=")[0] for word in words[3:] if word.strip("[").startswith("--"))
+            pages.setdefault(words[2], set()).add(page)
     assert {"stages.download", "tools.compare", "serve"} <= set(shown)
     for module, flags in sorted(shown.items()):
         text = help_text(module)
         missing = [flag for flag in sorted(flags) if flag not in text]
-        assert not missing, f"README: python -m {module} is shown with {missing}, which it does not take"
+        assert not missing, (f"{', '.join(sorted(pages[module]))}: python -m {module} is shown with {missing}, "
+                             "which it does not take")
 
 
 def test_dvc_commands_are_run_by_the_pipeline_tests():
     calls = set(re.findall(r'dvc\(\w+, "([a-z-]+)"(?:, "([a-z-]+)")?', PIPELINE_TESTS))
     groups = {"exp", "metrics", "plots", "remote", "artifacts", "queue"}  # commands with subcommands
-    for command in commands():
+    for page, command in page_commands():
         words = shlex.split(command)
         if words[0] != "dvc":
             continue
         if words[1] in groups:
-            assert (words[1], words[2]) in calls, f"README: `{command}` is not run by tests/test_demo_pipeline.py"
+            assert (words[1], words[2]) in calls, f"{page}: `{command}` is not run by tests/test_demo_pipeline.py"
         else:
             assert words[1] in {first for first, _ in calls}, (
-                f"README: `{command}` is not run by tests/test_demo_pipeline.py")
+                f"{page}: `{command}` is not run by tests/test_demo_pipeline.py")
+
+
+# --- the README as a front door ----------------------------------------------------------------
+
+
+def headings(text: str) -> set[str]:
+    """The anchors MkDocs (and GitHub, for these headings) gives a page's headings (code blocks skipped)."""
+    from markdown.extensions.toc import slugify
+
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return {slugify(match, "-") for match in re.findall(r"^#{1,6}\s+(.+?)\s*#*$", text, re.M)}
+
+
+def test_the_readme_is_a_front_door():
+    lines = README.count("\n")
+    assert lines <= README_LINES, (f"README.md has {lines} lines (at most {README_LINES}): move the detail to a page "
+                                   "under docs/ and link to it")
+
+
+def test_the_readme_s_links_lead_to_pages_and_headings_that_exist():
+    """GitHub renders the README, not MkDocs, so the site's strict build does not check its links."""
+    links = re.findall(r"\]\(([^)\s]+)\)", re.sub(r"^```.*?^```", "", README, flags=re.S | re.M))
+    local = [link for link in links if not re.match(r"[a-z]+:", link)]
+    assert any(link.startswith("docs/") for link in local), "README.md links to no page of the site"
+    for link in local:
+        path, _, anchor = link.partition("#")
+        target = ROOT / path if path else ROOT / "README.md"
+        assert target.is_file(), f"README.md links to {link}: no such file"
+        if anchor:
+            assert anchor in headings(target.read_text()), f"README.md links to {link}: no such heading"
+
+
+def test_every_page_under_docs_is_in_the_site_s_nav():
+    """A page left out of nav is unreachable on the site (the strict build also says so)."""
+    import yaml
+
+    def listed(entries) -> list[str]:  # type: ignore[no-untyped-def]
+        found = []
+        for entry in entries:
+            for value in entry.values() if isinstance(entry, dict) else [entry]:
+                found += listed(value) if isinstance(value, list) else [value]
+        return found
+
+    nav = listed(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"])
+    pages = sorted(page.removeprefix("docs/") for page in PAGES if page.startswith("docs/"))
+    assert sorted(nav) == pages

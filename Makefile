@@ -10,11 +10,12 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 # Run with the virtual environment first on PATH, so dvc.yaml's `python` is the pinned one.
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
-.PHONY: help .venv browser demo data release serve test bench lock clean docs docs-serve
+.PHONY: help .venv browser demo data release serve test check bench lock clean docs docs-serve
 
 help:
 	@echo "make demo   - set up .venv, generate the demo digits, run the whole pipeline (dvc repro)"
 	@echo "make test   - set up .venv, run the test suite"
+	@echo "make check  - lint and the fast tests (-m 'not slow'): the edit loop, in minutes"
 	@echo "make release - copy build/serving/ to model/ and dvc add it (model.dvc)"
 	@echo "make serve  - start the prediction service on 127.0.0.1:8000"
 	@echo "make bench  - benchmarks against peer tools (results in bench/results/, figures in docs/benchmarks.md)"
@@ -83,10 +84,20 @@ browser:
 	@test -x $(CHROMIUM) || { $(SUDO) apt-get update && \
 		$(SUDO) apt-get install -y --no-install-recommends chromium; }
 
-# Lint first (seconds), then two workers, one test file each (module fixtures stay in one process).
+# Lint first (seconds), then the tests on three workers, a whole test file each (module fixtures
+# stay in one process), in the order tests/conftest.py gives: the long files first. Three on two
+# cores: much of a test's time is spent waiting (servers, subprocesses starting, a cluster), and a
+# third worker fills it.
+PYTEST := $(RUN) python -m pytest -n 3 --dist loadfile --no-loadscope-reorder
+
 test: $(STAMP) browser
 	$(RUN) ruff check .
-	$(RUN) python -m pytest -n 2 --dist loadfile
+	$(PYTEST)
+
+# The edit loop: lint and every test but the slow ones (pipelines, training, clusters, new venvs).
+check: $(STAMP) browser
+	$(RUN) ruff check .
+	$(PYTEST) -m "not slow"
 
 $(BENCH_STAMP):
 	rm -rf $(BENCH_VENV)

@@ -223,6 +223,7 @@ def leftovers(marker: str, temp: str) -> list:
     return left
 
 
+@pytest.mark.slow
 def test_a_local_ray_is_loopback_only_keeps_order_and_leaves_nothing(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -277,6 +278,7 @@ def finish(proc: subprocess.Popen, timeout: float = 90) -> dict:
     return report(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
 
 
+@pytest.mark.slow
 def test_cluster_runs_tasks_on_both_nodes_in_order_on_loopback_only(cluster, tmp_path):
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -312,6 +314,7 @@ def test_cluster_runs_tasks_on_both_nodes_in_order_on_loopback_only(cluster, tmp
     assert {done["driver_node"]} == nodes["head"]  # a driver on this machine joins the head
 
 
+@pytest.mark.slow
 def test_cluster_loses_its_worker_node_mid_map_and_ray_retries_on_the_head(cluster, tmp_path):
     """Runs last: it kills the module's worker node."""
     n = 8

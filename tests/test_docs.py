@@ -27,7 +27,8 @@ PAGES = {"README.md": README, **{path.relative_to(ROOT).as_posix(): path.read_te
                                  for path in sorted((ROOT / "docs").rglob("*.md"))}}
 BENCHMARKS = "docs/benchmarks.md"  # where `make bench` writes the generated blocks
 README_LINES = 200  # a front door: what the project is, the two commands, links into the site
-PIPELINE_TESTS = (ROOT / "tests" / "test_demo_pipeline.py").read_text()
+# The tests that run DVC for real, on the demo data and on the tiny pipeline.
+PIPELINE_TESTS = "".join((ROOT / "tests" / name).read_text() for name in ("test_demo_data.py", "test_demo_pipeline.py"))
 # Commands the pages show that run outside this repository's code, and where they are exercised.
 ELSEWHERE = {
     "curl": "tests/test_serve_app.py sends the same requests (multipart, base64, url, path, batch, annotate)",
@@ -336,10 +337,11 @@ def test_dvc_commands_are_run_by_the_pipeline_tests():
         if words[0] != "dvc":
             continue
         if words[1] in groups:
-            assert (words[1], words[2]) in calls, f"{page}: `{command}` is not run by tests/test_demo_pipeline.py"
+            assert (words[1], words[2]) in calls, (
+                f"{page}: `{command}` is not run by the pipeline tests (test_demo_data.py, test_demo_pipeline.py)")
         else:
             assert words[1] in {first for first, _ in calls}, (
-                f"{page}: `{command}` is not run by tests/test_demo_pipeline.py")
+                f"{page}: `{command}` is not run by the pipeline tests (test_demo_data.py, test_demo_pipeline.py)")
 
 
 # --- the README as a front door ----------------------------------------------------------------

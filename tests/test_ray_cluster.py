@@ -24,6 +24,8 @@ from tests import images
 from tests.ray_cluster import REPO, two_node_cluster
 from tests.shard_files import folder_bytes, kept_images
 
+pytestmark = pytest.mark.slow  # each test needs the two-node cluster (about 25 s to start)
+
 URLS = 48  # served slowly, so that tasks overlap and both nodes get some
 LATENCY_S = 0.15
 PARAMS = """\

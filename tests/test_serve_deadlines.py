@@ -25,6 +25,10 @@ REMOTE_TIMEOUT = 1.5
 UPLOAD_TIMEOUT = 1.0
 HOLD = 30.0  # how long the misbehaving peers are willing to go on
 DRIP = 0.25  # seconds between the bytes they trickle
+# The trickling client's pace: not a divisor of UPLOAD_TIMEOUT, so that its next byte is not on the
+# wire as the 408 goes out (a byte that reaches the closed socket makes the kernel reset the
+# connection, and a reset throws away the client's unread answer).
+UPLOAD_DRIP = 0.3
 
 
 # --- a loopback image server that misbehaves slowly ------------------------------------------
@@ -192,7 +196,7 @@ def read_until_closed(sock: socket.socket) -> bytes:
 
 def test_a_client_that_trickles_its_upload_gets_408_and_a_closed_connection(service):
     body = multipart(images.rgb_png(3), "b0undary")
-    assert len(body) * DRIP > HOLD  # the client would go on far past the upload timeout
+    assert len(body) * UPLOAD_DRIP > HOLD  # the client would go on far past the upload timeout
     host, port = service.removeprefix("http://").split(":")
     head = (f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=b0undary\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
@@ -200,7 +204,7 @@ def test_a_client_that_trickles_its_upload_gets_408_and_a_closed_connection(serv
         started = time.monotonic()
         sock.sendall(head)
         for at in range(len(body)):
-            if select.select([sock], [], [], DRIP)[0]:
+            if select.select([sock], [], [], UPLOAD_DRIP)[0]:
                 break  # the service answered (or closed): stop sending
             try:
                 sock.sendall(body[at:at + 1])

@@ -65,6 +65,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_search_outputs_trials_and_neptune_run(tmp_path, monkeypatch, records, caplog):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("NEPTUNE_MODE", raising=False)
@@ -118,6 +119,7 @@ def test_search_outputs_trials_and_neptune_run(tmp_path, monkeypatch, records, c
     assert len(run.values["data/version"]) == 64 and run.values["source/git_commit"]
 
 
+@pytest.mark.slow
 def test_a_sample_smaller_than_train_retrains_the_winner_on_the_whole_split(tmp_path, monkeypatch, records,
                                                                             caplog):
     monkeypatch.chdir(tmp_path)

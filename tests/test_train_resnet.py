@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from imgpipe.cli import StageError
+from imgpipe.errors import ParamsError
 from imgpipe.records.read import make_dataset
 from stages import train_resnet
 from tools import compare
@@ -88,7 +90,7 @@ def test_outputs_metrics_plots_pictures_and_neptune_run(tmp_path, monkeypatch, r
 
 @pytest.mark.slow
 def test_two_classes_train_a_sigmoid_head_for_at_least_min_steps(tmp_path, monkeypatch, records, caplog):
-    # Bit-identical reruns are proven across processes by `dvc repro -f` in test_demo_pipeline.
+    # Bit-identical reruns, each in a process of its own, are proven by tests/test_train_resume.py.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NEPTUNE_MODE", "debug")  # nothing written; tracking still exercised
     images = sum(json.loads((records[2].parent / "pack2.json").read_text())["per_class"][c]["train"]
@@ -193,16 +195,20 @@ def test_a_run_starts_from_saved_backbone_weights_and_bad_files_are_params_error
     assert [row["epoch"] for row in history] == ["1", "2"]
     assert json.loads((third / "reports" / "metrics.json").read_text())["epochs_run"] == 2
 
+    # A missing file through the command line (one line, exit code 2), a file of another network in-process.
+    missing = tmp_path / "missing.weights.h5"
+    result = subprocess.run([sys.executable, "-m", "stages.train_resnet", "--params", str(tmp_path / "params.yaml"),
+                             "--records", str(records[3]), "--out", str(tmp_path / "bad"), "--reports",
+                             str(tmp_path / "bad-reports"), "--weights", str(missing)],
+                            cwd=ROOT, env={**os.environ, "NEPTUNE_MODE": "debug"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"train.resnet.weights: {missing}: no such file" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "bad").exists()
     other = tmp_path / "other.weights.h5"
     keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save_weights(other)
-    for bad, message in ((tmp_path / "missing.weights.h5", "no such file"), (other, "not ResNet50V2 base weights")):
-        result = subprocess.run([sys.executable, "-m", "stages.train_resnet", "--params", str(tmp_path / "params.yaml"),
-                                 "--records", str(records[3]), "--out", str(tmp_path / "bad"), "--reports",
-                                 str(tmp_path / "bad-reports"), "--weights", str(bad)],
-                                cwd=ROOT, env={**os.environ, "NEPTUNE_MODE": "debug"},
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 2, result.stderr[-2000:]
-        assert f"train.resnet.weights: {bad}: {message}" in result.stderr and "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-        assert not (tmp_path / "bad").exists()
+    with pytest.raises(ParamsError, match=re.escape(f"train.resnet.weights: {other}: not ResNet50V2 base weights")):
+        train(tmp_path, records[3], "other", "--weights", str(other))
+    assert not (tmp_path / "other").exists()
 

@@ -109,10 +109,14 @@ augment:
   flip: false               # a mirrored 2, 3 or 7 is not a digit
 train:
   resnet:
-    epochs: 16              # the demo's minutes go here; 12 left it short of 0.90 on test
+    # The demo's minutes go here. From scratch on CPU a step costs about the same at batch 32
+    # as at 16, so 32 halves the time per image; 10 epochs at twice the rate reach 0.90+.
+    epochs: 10
+    batch_size: 32
+    learning_rate: 0.002    # twice the default, for twice the batch
   automl:
     max_trials: 3
-    epochs: 30
+    epochs: 20
     block_types: [vanilla]  # ResNet and Xception searches take hours on a CPU
     input_size: 16          # the originals are 8x8: the search sees 16 px (resized inside the model)
 """

@@ -89,15 +89,16 @@ browser:
 # cores: much of a test's time is spent waiting (servers, subprocesses starting, a cluster), and a
 # third worker fills it.
 PYTEST := $(RUN) python -m pytest -n 3 --dist loadfile --no-loadscope-reorder
+PYTEST_ARGS ?= --durations=20  # where the time went, at the end of every run (CI's log too)
 
 test: $(STAMP) browser
 	$(RUN) ruff check .
-	$(PYTEST)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # The edit loop: lint and every test but the slow ones (pipelines, training, clusters, new venvs).
 check: $(STAMP) browser
 	$(RUN) ruff check .
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 $(BENCH_STAMP):
 	rm -rf $(BENCH_VENV)

@@ -289,11 +289,14 @@ class Ray:
     engine = "ray"
 
     def __init__(self, address: str | None, cpus: int) -> None:
+        if address:
+            # Before Ray is imported: else Ray retries for a quarter of an hour, then raises a
+            # traceback; and an import with a cluster's settings would stay for a local Ray later.
+            _check_reachable(address)
         self._ray = ray = _prepare_ray(local=not address)
         self._temp: Path | None = None
         quiet = dict(log_to_driver=False, logging_level="WARNING", configure_logging=True)
         if address:
-            _check_reachable(address)  # else Ray retries for a quarter of an hour, then raises a traceback
             node = {"_node_ip_address": "127.0.0.1"} if is_loopback(address) else {}
             # Workers import imgpipe from this checkout, whatever the nodes have installed.
             runtime_env = {"py_modules": [str(PACKAGE)], "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}

@@ -26,7 +26,7 @@ pack:
   image_size: 32
 train:
   resnet:
-    epochs: 1
+    epochs: 2      # two, so that the best one is chosen (the stage's outputs are checked below)
     batch_size: 64
     min_steps: 0   # one pass: this pipeline checks the plumbing, not learning
   automl:
@@ -53,7 +53,7 @@ def keep_per_class(data: Path, count: int) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory) -> Path:
-    """The whole pipeline on 16 demo digits a class with a tiny overlay (32 px, one epoch, one trial)."""
+    """The whole pipeline on 16 demo digits a class with a tiny overlay (32 px, two epochs, one trial)."""
     repo = copy_pipeline(tmp_path_factory.mktemp("tiny"))
     (repo / "dvc.lock").unlink()
     demo_data.main(["--out", str(repo / "data")])
@@ -64,7 +64,12 @@ def tiny_repo(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_whole_pipeline_runs_reruns_nothing_and_reproduces_bit_identically(tiny_repo):
-    dvc(tiny_repo, "repro")
+    printed = dvc(tiny_repo, "repro")
+    assert "val accuracy" in printed and "test accuracy" in printed
+    scores = [json.loads((tiny_repo / "reports" / name / "metrics.json").read_text())
+              for name in ("train_resnet", "train_automl")]
+    # A trainer whose model fails the baseline guard says so loudly; one that passes does not.
+    assert ("NO BETTER THAN CHANCE" in printed) == (not all(score["beats_baseline"] for score in scores))
     lock = (tiny_repo / "dvc.lock").read_text()
     stages = yaml.safe_load(lock)["stages"]
     assert set(stages) == {"download", "pack", "train_resnet", "train_automl", "export@resnet50v2",
@@ -101,6 +106,56 @@ def test_whole_pipeline_runs_reruns_nothing_and_reproduces_bit_identically(tiny_
     # tests/test_train_automl.py compare two runs' model bytes and reports).
     dvc(tiny_repo, "repro", "-f", "-s", "export@resnet50v2", "export@autokeras", "serve")
     assert (tiny_repo / "dvc.lock").read_text() == lock
+
+
+@pytest.mark.slow
+def test_the_resnet_stage_writes_metrics_plots_pictures_and_its_neptune_run(tiny_repo):
+    """What train_resnet leaves, read from the tiny pipeline's run (a trained ResNet50V2 is the
+    expensive part, so these checks share the pipeline's)."""
+    import keras
+    import numpy as np
+
+    from imgpipe.records.read import make_dataset
+    from tools import compare
+
+    reports, records = tiny_repo / "reports" / "train_resnet", tiny_repo / "build" / "tfrecords"
+    labels = json.loads((records / "labels.json").read_text())
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert metrics["head"] == "softmax" and metrics["image_size"] == 32 and metrics["weights"] == "none"
+    per_class = json.loads((reports / "per_class.json").read_text())
+    for split in ("val", "test"):
+        assert 0 <= metrics["accuracy"][split] <= 1 and set(per_class[split]) == set(labels)
+    # The guard is the val macro-F1 against the weighted random guess plus the margin.
+    assert metrics["beats_baseline"] == (metrics["macro_f1"]["val"]
+                                         >= metrics["baseline_macro_f1"]["val"] + metrics["baseline_margin"])
+    assert metrics["epochs_run"] == 2 and metrics["best_epoch"] in (1, 2)
+    history = list(csv.DictReader((reports / "history.csv").open()))
+    assert [row["epoch"] for row in history] == ["1", "2"]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history[0])
+    best = min(history, key=lambda row: float(row["val_loss"]))
+    assert int(best["epoch"]) == metrics["best_epoch"]  # the best epoch by validation loss is kept
+
+    packed = json.loads((tiny_repo / "reports" / "pack" / "metrics.json").read_text())["per_class"].values()
+    for split, name in (("val", "confusion.csv"), ("test", "confusion_test.csv")):
+        confusion = list(csv.DictReader((reports / name).open()))
+        assert len(confusion) == sum(v[split] for v in packed) and set(confusion[0]) == {"actual", "predicted"}
+    for picture in ("curves", "confusion", "confusion_test", "mistakes"):
+        assert (reports / "pictures" / f"{picture}.png").read_bytes().startswith(b"\x89PNG")
+
+    # The saved model is the evaluated one: its predictions reproduce the reported accuracies.
+    model = keras.models.load_model(tiny_repo / "build" / "models" / "resnet50v2" / "model.keras")
+    for split in ("val", "test"):
+        data = make_dataset(records, split, 8, 32, training=False)
+        predicted = model.predict(data, verbose=0).argmax(axis=1)
+        truth = np.concatenate([y.numpy() for _, y in data])
+        assert np.mean(predicted == truth) == pytest.approx(metrics["accuracy"][split], abs=1e-6)
+
+    [run] = [run for run in compare.find_runs(tiny_repo / ".neptune") if run.name == "resnet50v2"]
+    for split in ("val", "test"):
+        assert run.values[f"metrics/{split}/macro_f1"] == pytest.approx(metrics["macro_f1"][split])
+    assert run.values["metrics/beats_baseline"] == metrics["beats_baseline"]
+    assert [step for step, _ in run.series["train/val_loss"]] == [1, 2]
+    assert len(run.values["data/version"]) == 64
 
 
 @pytest.mark.slow

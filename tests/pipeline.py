@@ -37,3 +37,9 @@ def dvc(repo: Path, *args: str) -> str:
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by its relative path, with its bytes: two trees compare equal
+    only when they hold the same files with the same contents."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.pipeline import ROOT, copy_pipeline, dvc
+from tests.pipeline import ROOT, copy_pipeline, dvc, tree
 from tests.shard_files import kept_images
-from tests.test_demo_pipeline import tree
 from tools import demo_data
 
 

@@ -12,14 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.pipeline import copy_pipeline, dvc, venv_env
+from tests.pipeline import copy_pipeline, dvc, tree, venv_env
 from tests.shard_files import kept_images
 from tools import demo_data
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
 
 TINY = """\
 pack:
